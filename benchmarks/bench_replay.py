@@ -8,7 +8,6 @@ import json
 import time
 
 import numpy as np
-
 from ezengine_core.sumtree import SumTree
 
 

@@ -12,7 +12,6 @@ import statistics
 import time
 
 import numpy as np
-
 from ezengine_core.mcts import Forest
 
 A, S = 18, 50

@@ -107,6 +107,26 @@ cdef class SumTree:
                     mins[node] = left_min if left_min < right_min else right_min
                     node = node // 2
 
+    def clear(self, indices):
+        """Remove items `indices` from sampling (priority 0, excluded from the minimum)."""
+        idx = self._indices(indices)
+        cdef int64_t[::1] iv = idx
+        cdef int64_t i, n = idx.shape[0], node
+        cdef double left_min, right_min
+        cdef double[::1] sums = self.sums, mins = self.mins
+        with nogil:
+            for i in range(n):
+                node = iv[i] + self.leaves
+                sums[node] = 0.0
+                mins[node] = INFINITY
+                node = node // 2
+                while node >= 1:
+                    sums[node] = sums[2 * node] + sums[2 * node + 1]
+                    left_min = mins[2 * node]
+                    right_min = mins[2 * node + 1]
+                    mins[node] = left_min if left_min < right_min else right_min
+                    node = node // 2
+
     def get(self, indices):
         """float64 [n]: stored p**alpha of items `indices`."""
         idx = self._indices(indices)

@@ -3,7 +3,6 @@ import math
 
 import numpy as np
 import pytest
-
 from ezengine_core.mcts import Forest
 from reference_search import reference_search
 
@@ -23,7 +22,7 @@ def run_core(root_logits, legal, noise, fraction, leaf_vp, leaf_v, leaf_logits, 
                     value_delta_floor=floor)
     forest.reset_roots(root_logits, legal, noise, noise_fraction=fraction)
     for s in range(S):
-        slot, action, reset = forest.select()
+        slot, _action, _reset = forest.select()
         assert (slot <= s).all()
         forest.expand(leaf_vp[s], leaf_v[s], leaf_logits[s])
     return forest.visit_counts(), forest.root_values(), forest.node_depths()
@@ -57,7 +56,7 @@ def test_core_matches_reference(seed, B, A, variant):
     work = random_workload(rng, B, A, S, legal_p=0.6 if variant == "illegal" else 1.0,
                            quantize=variant == "ties")
     root_logits, legal, noise, vp, v, lg = work
-    kwargs = dict(discount=0.97, horizon=2 if variant == "horizon2" else 5, seed=seed)
+    kwargs = {"discount": 0.97, "horizon": 2 if variant == "horizon2" else 5, "seed": seed}
     counts, values, depths = run_core(root_logits, legal, noise, 0.25, vp, v, lg, **kwargs)
     ref_counts, ref_values, ref_depths = reference_search(
         root_logits, legal, noise, 0.25, vp, v, lg, **kwargs)

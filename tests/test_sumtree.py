@@ -1,7 +1,6 @@
 """The compiled sum-tree against numpy brute force."""
 import numpy as np
 import pytest
-
 from ezengine_core.sumtree import SumTree
 
 

@@ -1,0 +1,149 @@
+"""The search driver: connects the compiled batched MCTS to the model.
+
+The tree (``ezengine_core.mcts.Forest``) never sees torch. This driver runs initial inference
+for all roots, then once per simulation asks the tree which stored latent state to step from,
+runs one batched recurrent inference on the model's device, and hands the scalar outputs
+back. Latent states and LSTM states stay on the model's device in [S + 1, B, ...] tensors,
+indexed by the slot numbers the tree returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ezengine_core.mcts import Forest
+from torch import Tensor
+
+from ezengine.config import SearchConfig
+from ezengine.model import EfficientZeroNet
+from ezengine.support import support_to_scalar
+
+
+@dataclass
+class SearchResult:
+    """Outcome of one batched search over B roots.
+
+    visit_counts: int32 [B, A], visits of each root child.
+    root_values: float32 [B], mean backed-up value of each root (the stored root value).
+    predicted_values: float32 [B], the model's value at each root before searching.
+    """
+
+    visit_counts: np.ndarray
+    root_values: np.ndarray
+    predicted_values: np.ndarray
+
+    def policies(self) -> np.ndarray:
+        """float32 [B, A]: visit distributions N(a) / sum N, the policy targets."""
+        counts = self.visit_counts.astype(np.float32)
+        return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+
+
+def select_actions(visit_counts: np.ndarray, temperature: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Actions int64 [B] from visit counts [B, A].
+
+    temperature 0 takes the most visited action (the first on ties); otherwise samples
+    a ~ N(a)^(1/temperature).
+    """
+    counts = np.asarray(visit_counts, dtype=np.float64)
+    if temperature == 0:
+        return counts.argmax(axis=1)
+    # Power of counts scaled to max 1, so N^(1/T) cannot overflow for small T.
+    p = (counts / counts.max(axis=1, keepdims=True)) ** (1.0 / temperature)
+    p /= p.sum(axis=1, keepdims=True)
+    u = rng.random((p.shape[0], 1))
+    actions = (np.cumsum(p, axis=1) < u).sum(axis=1)
+    return np.minimum(actions, p.shape[1] - 1)
+
+
+def dirichlet_noise(rng: np.random.Generator, alpha: float, legal: np.ndarray) -> np.ndarray:
+    """float32 [B, A]: Dirichlet(alpha) over each row's legal actions, 0 elsewhere."""
+    g = rng.gamma(alpha, size=legal.shape) * legal
+    # A row whose draws all underflowed to 0 (tiny alpha) falls back to uniform.
+    sums = g.sum(axis=1, keepdims=True)
+    g = np.where(sums > 0, g / np.where(sums > 0, sums, 1.0), legal / legal.sum(1, keepdims=True))
+    return g.astype(np.float32)
+
+
+class BatchedSearch:
+    """MCTS over batches of observations with one model (spec 2.8).
+
+    Args:
+        cfg: the search settings.
+        num_actions: A.
+        discount: per-step discount.
+        value_prefix_horizon: the LSTM reset horizon (5 in the paper).
+        seed: seeds the Dirichlet noise and the tree's tie-breaking.
+    """
+
+    def __init__(self, cfg: SearchConfig, num_actions: int, discount: float,
+                 value_prefix_horizon: int, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.num_actions = num_actions
+        self.discount = discount
+        self.horizon = value_prefix_horizon
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self._forest: Forest | None = None
+        self._forest_capacity = 0
+
+    def _forest_for(self, batch: int) -> Forest:
+        if self._forest is None or self._forest_capacity < batch:
+            self._forest = Forest(
+                batch, self.num_actions, self.cfg.num_simulations, discount=self.discount,
+                c_init=self.cfg.c_init, c_base=self.cfg.c_base,
+                value_delta_floor=self.cfg.value_delta_floor, horizon=self.horizon,
+                seed=int(self.rng.integers(2**63)))
+            self._forest_capacity = batch
+        return self._forest
+
+    @torch.no_grad()
+    def run(self, model: EfficientZeroNet, obs: Tensor, *, add_noise: bool,
+            legal_actions: np.ndarray | None = None) -> SearchResult:
+        """Search from a batch of observations.
+
+        Args:
+            model: the network, in eval mode, on its device.
+            obs: [B, ...] model input (stacked frames), already on the model's device.
+            add_noise: mix Dirichlet noise into the root priors (self-play and reanalyse).
+            legal_actions: bool [B, A] or None for all legal.
+        """
+        batch = obs.shape[0]
+        device = obs.device
+        support = model.support_size
+        root = model.initial_inference(obs)
+        predicted = support_to_scalar(root.value_logits, support)
+        forest = self._forest_for(batch)
+        legal = (np.ones((batch, self.num_actions), dtype=bool) if legal_actions is None
+                 else np.asarray(legal_actions, dtype=bool))
+        noise = (dirichlet_noise(self.rng, self.cfg.dirichlet_alpha, legal) if add_noise
+                 else None)
+        forest.reset_roots(root.policy_logits.float().cpu().numpy(), legal, noise,
+                           noise_fraction=self.cfg.exploration_fraction if add_noise else 0.0)
+        sims = self.cfg.num_simulations
+        latents = torch.empty((sims + 1, *root.latent.shape), dtype=root.latent.dtype,
+                              device=device)
+        latents[0] = root.latent
+        hidden = torch.zeros((sims + 1, batch, model.lstm_hidden), device=device)
+        cell = torch.zeros_like(hidden)
+        rows = torch.arange(batch, device=device)
+        for s in range(sims):
+            slot, action, reset = forest.select()
+            slot_t = torch.from_numpy(slot).to(device, torch.long, non_blocking=True)
+            keep = torch.from_numpy(~reset).to(device, non_blocking=True).unsqueeze(1)
+            # At a horizon reset point the value-prefix LSTM starts again from zeros.
+            h = (hidden[slot_t, rows] * keep).unsqueeze(0)
+            c = (cell[slot_t, rows] * keep).unsqueeze(0)
+            out = model.recurrent_inference(
+                latents[slot_t, rows], (h, c),
+                torch.from_numpy(action).to(device, torch.long, non_blocking=True))
+            latents[s + 1] = out.latent
+            hidden[s + 1] = out.lstm_state[0][0]
+            cell[s + 1] = out.lstm_state[1][0]
+            scalars = torch.stack([support_to_scalar(out.value_prefix_logits, support),
+                                   support_to_scalar(out.value_logits, support)]).cpu().numpy()
+            forest.expand(scalars[0], scalars[1], out.policy_logits.float().cpu().numpy())
+        return SearchResult(forest.visit_counts(), forest.root_values(),
+                            predicted.float().cpu().numpy())
