@@ -8,6 +8,7 @@ import json
 import time
 
 import numpy as np
+
 from ezengine_core.sumtree import SumTree
 
 

@@ -12,6 +12,7 @@ import statistics
 import time
 
 import numpy as np
+
 from ezengine_core.mcts import Forest
 
 A, S = 18, 50

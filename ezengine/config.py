@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import math
 import os
 import re
@@ -490,10 +491,11 @@ def _check_cross(cfg: Config, origins: _Origins, source: str) -> None:
             "run.visit_temperatures", r.visit_temperatures,
             f"{len(r.temperature_milestones) + 1} temperatures (one more than the "
             f"{len(r.temperature_milestones)} of run.temperature_milestones)")
-    if any(b <= a for a, b in zip(r.temperature_milestones, r.temperature_milestones[1:])):
+    if any(b <= a for a, b in itertools.pairwise(r.temperature_milestones)):
         raise _bad_value(where("run.temperature_milestones"), "run.temperature_milestones",
                          r.temperature_milestones, "strictly ascending fractions")
-    if any(b <= a for a, b in zip(learner.lr_decay_steps, learner.lr_decay_steps[1:])):
+    decay = learner.lr_decay_steps
+    if any(b <= a for a, b in itertools.pairwise(decay)):
         raise _bad_value(where("learner.lr_decay_steps"), "learner.lr_decay_steps",
                          learner.lr_decay_steps, "strictly ascending training steps")
     # Image networks need image observations and vice versa.

@@ -316,9 +316,9 @@ class VectorStep:
     """bool [N]: episode cut off by a step cap (bootstrap through it)."""
     game_over: np.ndarray
     """bool [N]: the game finished (really ended or was truncated); see the module doc."""
-    completed_games: list[tuple[float, int]]
-    """(raw score, agent steps) of every game that finished at this step, summed over all
-    its lives when episodic life is on."""
+    completed_games: list[tuple[int, float, int]]
+    """(env index, raw score, agent steps) of every game that finished at this step, summed
+    over all its lives when episodic life is on."""
 
 
 class VectorEnv:
@@ -372,7 +372,7 @@ class VectorEnv:
         terminated = np.zeros(n, dtype=bool)
         truncated = np.zeros(n, dtype=bool)
         game_over = np.zeros(n, dtype=bool)
-        completed: list[tuple[float, int]] = []
+        completed: list[tuple[int, float, int]] = []
         for i, env in enumerate(self.envs):
             o, r, term, trunc, info = env.step(int(a[i]))
             reward[i] = float(r)
@@ -382,7 +382,7 @@ class VectorEnv:
             self._scores[i] += float(r)
             self._lengths[i] += 1
             if game_over[i]:
-                completed.append((float(self._scores[i]), int(self._lengths[i])))
+                completed.append((i, float(self._scores[i]), int(self._lengths[i])))
                 self._scores[i] = 0.0
                 self._lengths[i] = 0
             if term or trunc:

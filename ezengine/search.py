@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from ezengine_core.mcts import Forest
 from torch import Tensor
 
 from ezengine.config import SearchConfig
 from ezengine.model import EfficientZeroNet
 from ezengine.support import support_to_scalar
+from ezengine_core.mcts import Forest
 
 
 @dataclass

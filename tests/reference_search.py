@@ -59,13 +59,13 @@ class ReferenceTree:
         self.discount, self.c_init, self.c_base = discount, c_init, c_base
         self.floor, self.horizon, self.rng = floor, horizon, rng
         self.legal = [bool(x) for x in legal]
-        legal_logits = [float(x) for x, ok in zip(logits, self.legal) if ok]
+        legal_logits = [float(x) for x, ok in zip(logits, self.legal, strict=False) if ok]
         probs = iter(softmax(legal_logits))
         prior = [next(probs) if ok else 0.0 for ok in self.legal]
         if noise is not None:
             prior = [
                 (1.0 - noise_fraction) * p + noise_fraction * float(n) if ok else p
-                for p, n, ok in zip(prior, noise, self.legal)
+                for p, n, ok in zip(prior, noise, self.legal, strict=False)
             ]
         self.root = Node(0, 0.0, prior)
         self.qmin, self.qmax = math.inf, -math.inf
@@ -106,7 +106,8 @@ class ReferenceTree:
                 mean_q = q_sum / len(visited) if visited else 0.0
             else:
                 mean_q = (parent_q + q_sum) / (len(visited) + 1)
-            pb_c = (self.c_init + math.log((n_p + self.c_base + 1.0) / self.c_base)) * math.sqrt(n_p)
+            pb_c = (self.c_init + math.log((n_p + self.c_base + 1.0) / self.c_base)) \
+                * math.sqrt(n_p)
             scores = []
             for a in range(len(node.prior)):
                 if at_root and not self.legal[a]:
@@ -131,7 +132,7 @@ class ReferenceTree:
         parent = self.path[-1]
         leaf = Node(parent.depth + 1, float(value_prefix), softmax([float(x) for x in logits]))
         parent.children[self.action] = leaf
-        path = self.path + [leaf]
+        path = [*self.path, leaf]
         g = float(value)
         for i in range(len(path) - 1, -1, -1):
             node = path[i]

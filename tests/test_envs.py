@@ -116,7 +116,7 @@ def test_pipeline_matches_raw_frames() -> None:
             frames.append(f)
             rewards.append(r)
         assert len(skip.last_frames) == 4
-        for ours, theirs in zip(skip.last_frames, frames):
+        for ours, theirs in zip(skip.last_frames, frames, strict=False):
             np.testing.assert_array_equal(ours, theirs)
         expected = np.maximum(frames[-2], frames[-1])
         np.testing.assert_array_equal(obs, small(expected))
@@ -234,8 +234,8 @@ def test_atari_vector_env_scores_whole_games() -> None:
         for i in np.flatnonzero(out.game_over):
             games.append((i, score[i], steps[i]))
         assert len(out.completed_games) == int(out.game_over.sum())
-        for (i, s, n), done in zip(games, out.completed_games):
-            assert done == (s, n)
+        for (i, s, n), done in zip(games, out.completed_games, strict=False):
+            assert done == (i, s, n)
     i = games[0][0]
     assert life_losses[i] == 4  # one game across all five lives
     vec.close()
@@ -289,7 +289,7 @@ def test_cartpole_vector_auto_reset() -> None:
             assert np.all(np.abs(out.obs[i]) <= 0.05)
             assert not np.allclose(out.final_obs[i], prev[i])
         assert sorted(out.completed_games) == sorted(
-            (float(lengths[i]), int(lengths[i])) for i in np.flatnonzero(ended))
+            (i, float(lengths[i]), int(lengths[i])) for i in np.flatnonzero(ended))
         finished += int(ended.sum())
         lengths[ended] = 0
         obs = out.obs

@@ -3,8 +3,9 @@ import math
 
 import numpy as np
 import pytest
-from ezengine_core.mcts import Forest
 from reference_search import reference_search
+
+from ezengine_core.mcts import Forest
 
 PB_BASE = 19652.0
 

@@ -224,10 +224,10 @@ def test_eval_mode_deterministic_and_batch_independent(conv_net: EfficientZeroNe
         r1 = net.recurrent_inference(o1.latent, net.initial_lstm_state(2), actions)
         r2 = net.recurrent_inference(o2.latent, net.initial_lstm_state(2), actions)
         single = net.initial_inference(obs[:1])
-    for a, b in zip(o1, o2):
+    for a, b in zip(o1, o2, strict=False):
         assert torch.equal(a, b)
     for a, b in zip((r1.latent, r1.value_prefix_logits, r1.policy_logits),
-                    (r2.latent, r2.value_prefix_logits, r2.policy_logits)):
+                    (r2.latent, r2.value_prefix_logits, r2.policy_logits), strict=False):
         assert torch.equal(a, b)
     torch.testing.assert_close(single.value_logits, o1.value_logits[:1], rtol=1e-4, atol=1e-5)
 

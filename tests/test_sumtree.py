@@ -1,6 +1,7 @@
 """The compiled sum-tree against numpy brute force."""
 import numpy as np
 import pytest
+
 from ezengine_core.sumtree import SumTree
 
 
@@ -20,7 +21,7 @@ def test_totals_min_and_sampling_match_brute_force(capacity):
         idx = rng.integers(0, capacity, size=rng.integers(1, 40))
         pri = rng.uniform(0.01, 5.0, size=idx.size)
         tree.update(idx, pri)
-        for i, v in zip(idx, pri):  # with repeats the last value wins
+        for i, v in zip(idx, pri, strict=False):  # with repeats the last value wins
             p[i] = v
         p_alpha = np.where(p > 0, p ** 0.6, 0.0)
         assert tree.total == pytest.approx(p_alpha.sum(), rel=1e-12)

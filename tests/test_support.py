@@ -101,7 +101,7 @@ def test_two_hot_integer_lands_on_one_bin() -> None:
     s = 5
     # eps = 0: h(3) = 1, h(-3) = -1, h(0) = 0, h(15) = sqrt(16) - 1 = 3: all integers.
     p = scalar_to_support(torch.tensor([3.0, -3.0, 0.0, 15.0]), s, eps=0.0)
-    for row, bin_ in zip(p, [1, -1, 0, 3]):
+    for row, bin_ in zip(p, [1, -1, 0, 3], strict=False):
         expected = torch.zeros(2 * s + 1)
         expected[bin_ + s] = 1.0
         torch.testing.assert_close(row, expected, rtol=0, atol=1e-6)

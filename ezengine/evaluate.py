@@ -1,0 +1,70 @@
+"""Evaluation: episodes played with the search's greedy policy, no exploration noise."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ezengine.collector import FrameStacks
+from ezengine.config import Config
+from ezengine.envs import VectorEnv
+from ezengine.model import EfficientZeroNet
+from ezengine.search import BatchedSearch, select_actions
+
+
+@dataclass
+class EvalResult:
+    """Raw game scores and lengths (agent steps) of the evaluation episodes."""
+
+    returns: list[float]
+    lengths: list[int]
+    wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.returns))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.returns))
+
+    def record(self) -> dict:
+        """A JSON-ready summary."""
+        return {"episodes": len(self.returns), "mean_return": self.mean,
+                "std_return": self.std, "returns": self.returns, "lengths": self.lengths,
+                "wall_s": round(self.wall_s, 2), **self.extra}
+
+
+@torch.no_grad()
+def evaluate(model: EfficientZeroNet, cfg: Config, episodes: int, seed: int) -> EvalResult:
+    """Play `episodes` games in parallel (one environment each) with argmax-of-visits
+    actions and no root noise; evaluation episode cap and raw scores (spec section 1)."""
+    start = time.perf_counter()
+    model.eval()
+    device = next(model.parameters()).device
+    envs = VectorEnv(cfg.env, seed=seed, train=False, num_envs=episodes)
+    search = BatchedSearch(cfg.search, envs.num_actions, cfg.learner.discount,
+                           cfg.learner.value_prefix_horizon, seed=seed)
+    stacks = FrameStacks(envs.reset(), cfg.env.frame_stack)
+    returns = np.full(episodes, np.nan)
+    lengths = np.zeros(episodes, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    actions = np.zeros(episodes, dtype=np.int64)
+    while np.isnan(returns).any():
+        playing = np.flatnonzero(np.isnan(returns))
+        obs = torch.from_numpy(stacks.model_input()[playing]).to(device)
+        result = search.run(model, obs, add_noise=False)
+        actions[:] = 0
+        actions[playing] = select_actions(result.visit_counts, 0.0, rng)
+        out = envs.step(actions)
+        for i, score, length in out.completed_games:
+            if np.isnan(returns[i]):
+                returns[i], lengths[i] = score, length
+        stacks.advance(out.obs, out.terminated | out.truncated)
+    envs.close()
+    return EvalResult([float(r) for r in returns], [int(n) for n in lengths],
+                      time.perf_counter() - start)

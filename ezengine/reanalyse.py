@@ -1,0 +1,184 @@
+"""Reanalyse: complete training batches from sampled replay positions (spec 2.4, 2.5).
+
+For a sampled position t and every c in t..t+K this builds:
+
+- value targets z_c = sum_{i<l} gamma^i r_{c+i} + gamma^l v_target(o_{c+l}), with the TD
+  horizon l shortened for old data (off-policy correction). The bootstrap is dropped only
+  when the episode really terminated before c + l; truncated and cut trajectories still
+  bootstrap from their final observation, and storage boundaries do not exist here;
+- value-prefix targets: undiscounted reward sums from t, restarting every `horizon` steps;
+- policy targets: visit distributions of a fresh search with the target model (with root
+  noise) for the re-searched fraction of the batch, the stored self-play ones otherwise,
+  zero where there is no action;
+- masks m_k = 1 while step t+k-1 lies inside the trajectory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ezengine.config import Config
+from ezengine.model import EfficientZeroNet
+from ezengine.replay import ReplayBuffer, SampledPositions
+from ezengine.search import BatchedSearch
+from ezengine.support import support_to_scalar
+
+
+@dataclass
+class TrainingBatch:
+    """One learner batch, all numpy (it crosses process boundaries as is).
+
+    obs: [B, stack*C, ...] model input at t. next_obs: [B, K, stack*C, ...] inputs at
+    t+1..t+K (targets of the consistency loss). actions: int64 [B, K]. value_targets:
+    float32 [B, K+1]. value_prefix_targets: float32 [B, K]. policy_targets: float32
+    [B, K+1, A]. masks: float32 [B, K+1], masks[:, 0] = 1. weights: float32 [B] PER
+    importance weights. positions: int64 [B] replay positions (for priority updates).
+    target_version: training step of the target model that made the targets.
+    """
+
+    obs: np.ndarray
+    next_obs: np.ndarray
+    actions: np.ndarray
+    value_targets: np.ndarray
+    value_prefix_targets: np.ndarray
+    policy_targets: np.ndarray
+    masks: np.ndarray
+    weights: np.ndarray
+    positions: np.ndarray
+    target_version: int
+
+
+def td_horizon(age: np.ndarray, td_steps: int, fraction: float, budget: int) -> np.ndarray:
+    """Off-policy-corrected TD horizon l = clip(td - floor(age / (fraction * budget)), 1, td)."""
+    return np.clip(td_steps - np.floor(age / (fraction * budget)).astype(np.int64), 1, td_steps)
+
+
+def value_prefix_targets(rewards: np.ndarray, has_action: np.ndarray, horizon: int) -> np.ndarray:
+    """float32 [B, K]: G_k = sum of rewards r_t..r_{t+k-1} since the last reset (every
+    `horizon` steps from t). rewards, has_action: [B, K] for steps t..t+K-1."""
+    r = np.where(has_action, rewards, 0.0).astype(np.float32)
+    out = np.empty_like(r)
+    running = np.zeros(r.shape[0], dtype=np.float32)
+    for k in range(r.shape[1]):
+        if horizon > 0 and k % horizon == 0:
+            running = np.zeros_like(running)
+        running = running + r[:, k]
+        out[:, k] = running
+    return out
+
+
+class Reanalyser:
+    """Builds TrainingBatches from a replay buffer with the target model.
+
+    Args:
+        cfg: the full config.
+        replay: the buffer the positions come from.
+        num_actions: A.
+        seed: seeds the re-search noise and the padding actions.
+    """
+
+    def __init__(self, cfg: Config, replay: ReplayBuffer, num_actions: int, seed: int) -> None:
+        self.cfg = cfg
+        self.replay = replay
+        self.num_actions = num_actions
+        self.search = BatchedSearch(cfg.search, num_actions, cfg.learner.discount,
+                                    cfg.learner.value_prefix_horizon, seed=seed)
+        self.rng = np.random.default_rng(seed)
+
+    def _model_input(self, positions: np.ndarray, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(self.replay.stacked_frames(positions)).to(device)
+
+    @torch.no_grad()
+    def bootstrap_values(self, model: EfficientZeroNet, positions: np.ndarray) -> np.ndarray:
+        """float32 [n]: the target's value estimate at each position (predicted value, or
+        the search's root value when learner.bootstrap_from_root_value is set)."""
+        if positions.size == 0:
+            return np.zeros(0, dtype=np.float32)
+        device = next(model.parameters()).device
+        obs = self._model_input(positions, device)
+        if self.cfg.learner.bootstrap_from_root_value:
+            return self.search.run(model, obs, add_noise=False).root_values
+        logits = model.initial_inference(obs).value_logits
+        return support_to_scalar(logits, model.support_size).float().cpu().numpy()
+
+    def value_targets(self, model: EfficientZeroNet, pos: np.ndarray, horizon: np.ndarray
+                      ) -> np.ndarray:
+        """float32 [B, K+1] value targets at positions pos [B, K+1] (-1 past the end) with
+        per-sample TD horizons [B]."""
+        rp = self.replay
+        gamma = self.cfg.learner.discount
+        valid = pos >= 0
+        acc = np.zeros(pos.shape, dtype=np.float64)
+        disc = np.ones(pos.shape, dtype=np.float64)
+        cur = pos.copy()
+        for i in range(int(horizon.max())):
+            step = valid & (i < horizon[:, None]) & (rp.actions[rp.slot(cur)] >= 0)
+            acc += np.where(step, disc * rp.rewards[rp.slot(cur)], 0.0)
+            disc = np.where(step, disc * gamma, disc)
+            cur = np.where(step, rp.succ[rp.slot(cur)], cur)
+        # cur is now o_{c+l}, or the final observation if the trajectory ended sooner.
+        at_terminal = (rp.actions[rp.slot(cur)] < 0) & rp.terminal[rp.slot(cur)]
+        boot = valid & ~at_terminal
+        unique, inverse = np.unique(cur[boot], return_inverse=True)
+        values = self.bootstrap_values(model, unique)
+        acc[boot] += disc[boot] * values[inverse]
+        return np.where(valid, acc, 0.0).astype(np.float32)
+
+    @torch.no_grad()
+    def policy_targets(self, model: EfficientZeroNet, pos: np.ndarray, has_action: np.ndarray
+                       ) -> np.ndarray:
+        """float32 [B, K+1, A]: re-searched for the first reanalyse_fraction of the rows,
+        stored visit distributions for the rest, zero where there is no action."""
+        rp = self.replay
+        out = np.where(has_action[..., None], rp.policies[rp.slot(np.maximum(pos, 0))], 0.0)
+        n_fresh = round(self.cfg.learner.reanalyse_fraction * pos.shape[0])
+        fresh = has_action.copy()
+        fresh[n_fresh:] = False
+        if fresh.any():
+            device = next(model.parameters()).device
+            obs = self._model_input(pos[fresh], device)
+            out[fresh] = self.search.run(model, obs, add_noise=True).policies()
+        return out.astype(np.float32)
+
+    def build(self, target_model: EfficientZeroNet, sample: SampledPositions, env_steps: int,
+              target_version: int) -> TrainingBatch:
+        """A complete training batch for `sample`, with targets from `target_model` (in eval
+        mode), at a moment when `env_steps` environment steps have been collected."""
+        cfg, rp = self.cfg, self.replay
+        K = cfg.learner.unroll_steps
+        t = sample.positions
+        pos = rp.unroll_positions(t, K)
+        valid = pos >= 0
+        has_action = valid & (rp.actions[rp.slot(np.maximum(pos, 0))] >= 0)
+        masks = np.ones(pos.shape, dtype=np.float32)
+        masks[:, 1:] = has_action[:, :-1]
+        # Padding actions past the end are random, as in the reference; they are masked.
+        random_actions = self.rng.integers(0, self.num_actions, size=(t.shape[0], K))
+        actions = np.where(has_action[:, :K], rp.actions[rp.slot(np.maximum(pos[:, :K], 0))],
+                           random_actions)
+        # Observations past the end repeat the last stored one (masked out anyway).
+        filled = pos.copy()
+        for k in range(1, K + 1):
+            filled[:, k] = np.where(valid[:, k], pos[:, k], filled[:, k - 1])
+        obs_all = rp.stacked_frames(filled.reshape(-1)).reshape(
+            t.shape[0], K + 1, -1, *rp.frame_shape[1:])
+        age = env_steps - rp.collected_at[rp.slot(t)]
+        horizon = td_horizon(age, cfg.learner.td_steps, cfg.learner.off_policy_fraction,
+                             cfg.run.env_steps)
+        rewards = rp.rewards[rp.slot(np.maximum(pos[:, :K], 0))]
+        return TrainingBatch(
+            obs=obs_all[:, 0],
+            next_obs=obs_all[:, 1:],
+            actions=actions.astype(np.int64),
+            value_targets=self.value_targets(target_model, pos, horizon),
+            value_prefix_targets=value_prefix_targets(rewards, has_action[:, :K],
+                                                      cfg.learner.value_prefix_horizon),
+            policy_targets=self.policy_targets(target_model, pos, has_action),
+            masks=masks,
+            weights=sample.weights,
+            positions=t,
+            target_version=target_version,
+        )

@@ -1,0 +1,231 @@
+"""The serial trainer: collection, reanalyse and learning interleaved in one process.
+
+This is the debugging and profiling mode (``ezengine train --serial``); the multiprocessing
+pipeline runs the same pieces (Collector, Reanalyser, Learner) in separate processes.
+
+Pacing: after `run.start_transitions` steps of uniformly random play, training steps are
+interleaved with collection so that training steps = replay_ratio * (env steps -
+start_transitions); after the environment-step budget, `run.extra_training_steps` more
+training steps run without new data.
+
+The run directory holds ``config.yaml`` (the resolved config), ``checkpoints/latest.pt``,
+``metrics.jsonl`` (one row per log interval) and ``eval.jsonl`` (one row per evaluation).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ezengine.checkpoint import save_checkpoint
+from ezengine.collector import Collector
+from ezengine.config import Config, config_to_dict, save_config
+from ezengine.envs import VectorEnv
+from ezengine.evaluate import evaluate
+from ezengine.learner import Learner
+from ezengine.model import build_model
+from ezengine.reanalyse import Reanalyser
+from ezengine.replay import ReplayBuffer
+from ezengine.search import BatchedSearch
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def configure_torch(threads: int | None = None) -> None:
+    """Per-process torch settings: flush denormals (a 10-100x CPU slowdown otherwise) and
+    an explicit intra-op thread count (oversubscription stalls small ops)."""
+    torch.set_flush_denormal(True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def visit_temperature(cfg: Config, env_steps: int) -> float:
+    """Self-play temperature, stepping down at run.temperature_milestones (fractions of the
+    environment-step budget)."""
+    progress = env_steps / cfg.run.env_steps
+    passed = sum(progress >= m for m in cfg.run.temperature_milestones)
+    return cfg.run.visit_temperatures[passed]
+
+
+def total_training_steps(cfg: Config) -> int:
+    """Training steps of a whole run: paced ones during collection plus the extra ones."""
+    paced = cfg.run.replay_ratio * max(cfg.run.env_steps - cfg.run.start_transitions, 0)
+    return int(paced) + cfg.run.extra_training_steps
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON row and flush it to disk (a crash loses at most the current row)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class SerialTrainer:
+    """Everything of one run in one process.
+
+    Args:
+        cfg: the resolved config.
+        run_dir: where config, checkpoints, metrics and evaluations are written.
+        echo: receives the human-readable progress lines.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, echo: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.echo = echo
+        configure_torch()
+        self.device = resolve_device(cfg.run.device)
+        seed = cfg.run.seed
+        torch.manual_seed(seed)
+        self.envs = VectorEnv(cfg.env, seed=seed, train=True)
+        a = self.envs.num_actions
+        model = build_model(cfg.model, self.envs.observation_shape, a, cfg.env.frame_stack)
+        self.learner = Learner(cfg, model, self.device)
+        self.selfplay = copy.deepcopy(self.learner.model).eval()
+        lc = cfg.learner
+        self.replay = ReplayBuffer(
+            cfg.replay.capacity, self.envs.observation_shape, self.envs.observation_dtype, a,
+            num_writers=self.envs.num_envs, alpha=cfg.replay.alpha,
+            frame_stack=cfg.env.frame_stack, lookahead=lc.unroll_steps + lc.td_steps)
+        search = BatchedSearch(cfg.search, a, lc.discount, lc.value_prefix_horizon, seed=seed)
+        self.collector = Collector(self.envs, self.replay, search,
+                                   clip_rewards=cfg.env.clip_rewards,
+                                   frame_stack=cfg.env.frame_stack, seed=seed)
+        self.reanalyser = Reanalyser(cfg, self.replay, a, seed=seed + 1)
+        self.sample_rng = np.random.default_rng(seed + 2)
+        self.total_train_steps = total_training_steps(cfg)
+        self.recent_returns: deque[float] = deque(maxlen=20)
+        self.evaluations: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ pieces
+
+    def training_due(self) -> bool:
+        """Whether the pacing rule asks for a training step before more collection."""
+        run = self.cfg.run
+        env_steps = self.collector.env_steps
+        if env_steps < run.start_transitions or self.replay.num_sampleable == 0:
+            return False
+        if env_steps >= run.env_steps:
+            return self.learner.steps < self.total_train_steps
+        return self.learner.steps < run.replay_ratio * (env_steps - run.start_transitions)
+
+    def collect(self) -> None:
+        """One step of every training environment."""
+        warmup = self.collector.env_steps < self.cfg.run.start_transitions
+        temperature = visit_temperature(self.cfg, self.collector.env_steps)
+        games = self.collector.step(None if warmup else self.selfplay, temperature)
+        self.recent_returns.extend(score for _, score, _ in games)
+
+    def train_step(self) -> dict[str, float]:
+        """Sample, reanalyse, learn, update priorities and the self-play weights."""
+        cfg = self.cfg
+        progress = min(self.learner.steps / max(self.total_train_steps, 1), 1.0)
+        beta = cfg.replay.beta_start + (cfg.replay.beta_end - cfg.replay.beta_start) * progress
+        sample = self.replay.sample(cfg.learner.batch_size, beta, self.sample_rng)
+        batch = self.reanalyser.build(self.learner.target, sample, self.collector.env_steps,
+                                      self.learner.target_version)
+        metrics, priorities = self.learner.train_step(batch)
+        self.replay.update_priorities(sample.positions, priorities)
+        if self.learner.steps % cfg.run.selfplay_update_interval == 0:
+            self.selfplay.load_state_dict(self.learner.model.state_dict())
+        return metrics
+
+    def evaluate(self) -> dict[str, Any]:
+        """Evaluate the online model; append the record to eval.jsonl."""
+        result = evaluate(copy.deepcopy(self.learner.model), self.cfg,
+                          self.cfg.run.eval_episodes, seed=self.cfg.run.seed + 10_000)
+        row = {"train_steps": self.learner.steps, "env_steps": self.collector.env_steps,
+               "wall_s": round(time.perf_counter() - self.start_time, 1), **result.record()}
+        append_jsonl(self.run_dir / "eval.jsonl", row)
+        self.evaluations.append(row)
+        self.echo(f"eval @ {self.learner.steps} training steps / {self.collector.env_steps} "
+                  f"env steps: mean return {result.mean:.1f} +- {result.std:.1f} over "
+                  f"{len(result.returns)} episodes ({result.wall_s:.1f}s)")
+        return row
+
+    def checkpoint(self) -> None:
+        """Atomically write checkpoints/latest.pt."""
+        state = {"learner": self.learner.state_dict(),
+                 "selfplay": self.selfplay.state_dict(),
+                 "env_steps": self.collector.env_steps,
+                 "config": config_to_dict(self.cfg)}
+        save_checkpoint(state, self.run_dir / "checkpoints" / "latest.pt")
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end of the budget; returns the final evaluation record."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.echo(f"run dir {self.run_dir} | device {self.device} | {cfg.env.id} | "
+                  f"{cfg.run.env_steps:,} env steps, {self.total_train_steps:,} training steps")
+        self.start_time = time.perf_counter()
+        window_start, window_env, window_train = self.start_time, 0, 0
+        window_metrics: list[dict[str, float]] = []
+        while True:
+            if self.training_due():
+                window_metrics.append(self.train_step())
+                steps = self.learner.steps
+                if steps % cfg.run.eval_interval == 0:
+                    self.evaluate()
+                if steps % cfg.run.checkpoint_interval == 0:
+                    self.checkpoint()
+            elif self.collector.env_steps < cfg.run.env_steps:
+                self.collect()
+            else:
+                break
+            now = time.perf_counter()
+            if now - window_start >= cfg.run.log_interval_s:
+                self._log_window(now - window_start, self.collector.env_steps - window_env,
+                                 self.learner.steps - window_train, window_metrics)
+                window_start, window_env, window_train = now, self.collector.env_steps, \
+                    self.learner.steps
+                window_metrics = []
+        self.checkpoint()
+        final = self.evaluations[-1] if (
+            self.evaluations and self.evaluations[-1]["train_steps"] == self.learner.steps
+        ) else self.evaluate()
+        self.envs.close()
+        self.echo(f"done in {time.perf_counter() - self.start_time:.0f}s: "
+                  f"final mean return {final['mean_return']:.1f}")
+        return final
+
+    def _log_window(self, seconds: float, env_steps: int, train_steps: int,
+                    metrics: list[dict[str, float]]) -> None:
+        row: dict[str, Any] = {
+            "wall_s": round(time.perf_counter() - self.start_time, 1),
+            "env_steps": self.collector.env_steps, "train_steps": self.learner.steps,
+            "env_steps_per_s": round(env_steps / seconds, 2),
+            "train_steps_per_s": round(train_steps / seconds, 2),
+            "recent_return": (float(np.mean(self.recent_returns)) if self.recent_returns
+                              else None),
+            "replay_positions": min(self.replay.head, self.replay.capacity),
+        }
+        if metrics:
+            for key in metrics[0]:
+                row[key] = float(np.mean([m[key] for m in metrics]))
+        append_jsonl(self.run_dir / "metrics.jsonl", row)
+        ret = "-" if row["recent_return"] is None else f"{row['recent_return']:.1f}"
+        loss = f" | loss {row['loss']:.3f}" if "loss" in row else ""
+        self.echo(f"env {self.collector.env_steps:,}/{self.cfg.run.env_steps:,} | "
+                  f"train {self.learner.steps:,}/{self.total_train_steps:,} | "
+                  f"return {ret}{loss} | {row['env_steps_per_s']:.0f} env/s "
+                  f"{row['train_steps_per_s']:.1f} train/s")
