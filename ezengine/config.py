@@ -165,6 +165,8 @@ class LearnerConfig:
     discount: float = _f(0.988053892, "discount per agent step (0.997**4)", _OPEN_UNIT)
     value_prefix_horizon: int = _f(5, "value-prefix LSTM resets every this many model steps",
                                    _POSITIVE)
+    optimizer: str = _f("sgd", "sgd (the paper's, with momentum and weight decay) or adam "
+                        "(steadier for small MLP models)", _choices("sgd", "adam"))
     lr: float = _f(0.2, "peak learning rate", _POSITIVE)
     lr_warmup_steps: int = _f(1000, "linear learning-rate warm-up length in training steps",
                               _NON_NEGATIVE)
@@ -173,8 +175,8 @@ class LearnerConfig:
         metadata=_meta("training steps where lr is multiplied by lr_decay_factor (ascending)",
                        _NON_NEGATIVE))
     lr_decay_factor: float = _f(0.1, "learning-rate multiplier at each decay step", _POSITIVE)
-    momentum: float = _f(0.9, "SGD momentum", (lambda v: 0.0 <= v < 1.0, "in [0, 1)"))
-    weight_decay: float = _f(1e-4, "SGD weight decay", _NON_NEGATIVE)
+    momentum: float = _f(0.9, "SGD momentum (sgd only)", (lambda v: 0.0 <= v < 1.0, "in [0, 1)"))
+    weight_decay: float = _f(1e-4, "L2 weight decay", _NON_NEGATIVE)
     grad_clip: float = _f(5.0, "global gradient-norm clip", _POSITIVE)
     value_prefix_loss_weight: float = _f(1.0, "weight of the value-prefix loss", _NON_NEGATIVE)
     value_loss_weight: float = _f(0.25, "weight of the value loss", _NON_NEGATIVE)

@@ -75,8 +75,13 @@ class Learner:
         self.target = copy.deepcopy(self.model).eval()
         self.target.requires_grad_(False)
         lc = cfg.learner
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lc.lr,
-                                         momentum=lc.momentum, weight_decay=lc.weight_decay)
+        self.optimizer: torch.optim.Optimizer
+        if lc.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lc.lr,
+                                              weight_decay=lc.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lc.lr,
+                                             momentum=lc.momentum, weight_decay=lc.weight_decay)
         self.use_amp = lc.mixed_precision and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.steps = 0

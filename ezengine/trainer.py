@@ -90,8 +90,10 @@ class SerialTrainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.echo = echo
-        configure_torch()
         self.device = resolve_device(cfg.run.device)
+        # One intra-op thread on CPU: this model's ops are small, and with other processes
+        # on the machine more threads stall (design.md, CPU traps).
+        configure_torch(threads=1 if self.device.type == "cpu" else None)
         seed = cfg.run.seed
         torch.manual_seed(seed)
         self.envs = VectorEnv(cfg.env, seed=seed, train=True)
