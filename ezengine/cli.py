@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ezengine.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from ezengine.agent import Agent
+    from ezengine.play import VideoWriter, Window
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,3 +62,177 @@ def train(config: Path, overrides: tuple[str, ...], env_steps: int | None, devic
     from ezengine.trainer import SerialTrainer  # torch import deferred: fast --help
 
     SerialTrainer(cfg, run_dir or _default_run_dir(config), echo=click.echo).run()
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluating, watching and plotting trained agents. Heavy imports (torch, the agent) are
+# deferred into the commands so `--help` stays fast.
+
+
+def _load_agent(target: Path, model: str, device: str, overrides: list[str]) -> Agent:
+    """Agent.load with its errors turned into one-line CLI errors."""
+    from ezengine.agent import Agent
+
+    try:
+        return Agent.load(target, model=model, device=device, overrides=overrides)
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
+        raise click.ClickException(str(exc)) from exc
+
+
+_MODEL_HELP = ("Which model of a run directory: 'final' (checkpoints/latest.pt) or 'best' "
+               "(checkpoints/best.pt, when the run has one).")
+
+
+@main.command("eval", short_help="Evaluate a checkpoint, or summarise a suite of runs.")
+@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@click.option("--suite", type=click.Choice(["atari100k"]), default=None,
+              help="Report a whole suite instead: TARGET is a runs root; every run's final "
+                   "evaluation (last row of its eval.jsonl) is averaged over seeds per game "
+                   "and compared with the paper. Plays no games.")
+@click.option("--episodes", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Evaluation episodes, played in parallel.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the environments (episode i uses seed + i).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the JSON record here.")
+@click.option("--out-prefix", type=click.Path(path_type=Path), default=None,
+              help="With --suite: write PREFIX.csv and PREFIX.md "
+                   "[default: TARGET/atari100k-suite].")
+@click.option("--model", "which", type=click.Choice(["final", "best"]), default="final",
+              show_default=True, help=_MODEL_HELP)
+@click.option("--max-episode-steps", type=click.IntRange(min=0), default=None,
+              help="Evaluation cap in agent steps (env.eval_max_episode_steps; 0 = none), "
+                   "e.g. for quick smoke tests.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a value of the checkpoint's config, e.g. "
+                   "--set search.num_simulations=100.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where the model runs.")
+def evaluate_command(target: Path, suite: str | None, episodes: int, seed: int,
+                     out: Path | None, out_prefix: Path | None, which: str,
+                     max_episode_steps: int | None, overrides: tuple[str, ...],
+                     device: str) -> None:
+    """Evaluate the checkpoint of TARGET (a run directory or a checkpoint file) with the
+    evaluation settings (raw score, no noise, most visited action, evaluation cap), or
+    with --suite summarise every run under TARGET."""
+    if suite is not None:
+        if out is not None:
+            raise click.UsageError("--out is for one checkpoint; --suite writes --out-prefix")
+        _suite_report(target, out_prefix or target / f"{suite}-suite")
+        return
+    if out_prefix is not None:
+        raise click.UsageError("--out-prefix only applies with --suite")
+    extra = list(overrides)
+    if max_episode_steps is not None:
+        extra.append(f"env.eval_max_episode_steps={max_episode_steps}")
+    agent = _load_agent(target, which, device, extra)
+    record = agent.evaluate(episodes, seed)
+    if out is not None:
+        import json
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+    hns = "" if record["hns"] is None else f", HNS {record['hns']:.3f}"
+    where = f" -> {out}" if out is not None else ""
+    click.echo(f"{record['env_id']} {record['model']} model ({record['train_steps']:,} "
+               f"training steps, {record['env_steps']:,} env steps): mean return "
+               f"{record['mean_return']:.1f} +- {record['std_return']:.1f} over "
+               f"{record['episodes']} episodes{hns}{where}")
+
+
+def _suite_report(root: Path, prefix: Path) -> None:
+    from ezengine.scores import suite_report, write_suite_report
+
+    try:
+        report = suite_report(root)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for run, why in report.skipped:
+        click.echo(f"skipped {run}: {why}", err=True)
+    for r in report.incomplete:
+        click.echo(f"warning: {r.run_dir} stopped at {r.env_steps:,} of "
+                   f"{r.env_step_budget:,} env steps; using its latest evaluation", err=True)
+    csv_path, md_path = write_suite_report(report, prefix)
+    agg = report.aggregate
+    click.echo(f"{agg['games']} games, {sum(map(len, report.runs.values()))} runs: mean HNS "
+               f"{agg['mean_hns']:.3f} (paper {agg['paper_mean_hns']:.3f}), median "
+               f"{agg['median_hns']:.3f} (paper {agg['paper_median_hns']:.3f}), "
+               f"{agg['games_above_human']} at or above human (paper "
+               f"{agg['paper_games_above_human']}) -> {csv_path}, {md_path}")
+
+
+@main.command(short_help="Watch a trained agent play (window or video).")
+@click.option("--checkpoint", "target", type=click.Path(path_type=Path), default=None,
+              help="Run directory or checkpoint file [default: the most recent run under "
+                   "--runs-root].")
+@click.option("--runs-root", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("runs"), show_default=True,
+              help="Where to look for the most recent run.")
+@click.option("--model", "which", type=click.Choice(["final", "best"]), default="final",
+              show_default=True, help=_MODEL_HELP)
+@click.option("--render", is_flag=True,
+              help="Show the game in a window; without a display (or with a headless "
+                   "OpenCV) write a video instead and print its path.")
+@click.option("--video", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also record the games to this .mp4 (or .gif) file.")
+@click.option("--episodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Episodes to play, one after another.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the first episode (episode i uses seed + i).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop each episode after this many agent steps.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where the model runs.")
+def play(target: Path | None, runs_root: Path, which: str, render: bool, video: Path | None,
+         episodes: int, seed: int, max_steps: int | None, device: str) -> None:
+    """Watch a trained agent play with the evaluation policy; the frames show score, step
+    and the search's root value."""
+    from ezengine.agent import latest_run
+    from ezengine.play import VideoWriter, Window, display_available
+    from ezengine.play import play as play_games
+
+    if target is None:
+        try:
+            target = latest_run(runs_root)
+        except FileNotFoundError as exc:
+            raise click.ClickException(str(exc)) from exc
+    agent = _load_agent(target, which, device, [])
+    click.echo(f"{agent.config.env.id}: {agent.label} model of {agent.checkpoint} "
+               f"({agent.train_steps:,} training steps, {agent.env_steps:,} env steps)")
+    fps = 15.0 if agent.config.env.kind == "atari" else 30.0  # Atari: 60 Hz / 4-frame steps
+    sinks: list[VideoWriter | Window] = []
+    if render and display_available():
+        sinks.append(Window(f"ezengine: {agent.config.env.id}", fps))
+    elif render and video is None:
+        ckpt = agent.checkpoint.resolve()
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        video = run_dir / "videos" / f"play-{agent.label}-seed{seed}.mp4"
+        click.echo("no display available: recording a video instead")
+    if video is not None:
+        sinks.append(VideoWriter(video, fps, echo=click.echo))
+    results = play_games(agent, episodes=episodes, seed=seed, max_steps=max_steps,
+                         sinks=tuple(sinks), echo=click.echo)
+    for sink in sinks:
+        path = sink.close()
+        if path is not None:
+            click.echo(f"video: {path}")
+    if len(results) > 1:
+        scores = [r.score for r in results]
+        click.echo(f"mean score {sum(scores) / len(scores):g} over {len(scores)} episodes")
+
+
+@main.command(short_help="Plot learning curves of runs to a PNG.")
+@click.argument("target", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("curve.png"), show_default=True, help="PNG file to write.")
+def plot(target: Path, out: Path) -> None:
+    """Plot learning curves (evaluation mean return vs environment steps) of the run
+    TARGET or of every run under it, one line per run, with the paper's EfficientZero
+    score as a reference on Atari 100k games."""
+    from ezengine.plot import plot_learning_curves
+
+    try:
+        path = plot_learning_curves(target, out)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"learning curves: {path}")

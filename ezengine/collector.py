@@ -1,11 +1,18 @@
 """Self-play collection: N environments stepped together with one batched search.
 
-The collector keeps a frame stack per environment (padded with the first frame at a reset,
-exactly as the replay pads when it rebuilds stacks) and writes every step of every
-environment to the replay, closing trajectories with their final observation.
+One vector step produces a *transition record*: a dict of fixed-shape arrays (the layout is
+``transition_fields``) that the serial trainer stores straight into its replay, and that the
+pipeline's collectors write into a shared-memory ring and an append-only log on disk.
+``store_transition`` turns a record into replay positions, so both paths store data the
+same way, and a replay can be rebuilt from the logs after a crash.
+
+The collector keeps a frame stack per environment, padded with the first frame at a reset,
+exactly as the replay pads when it rebuilds stacks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -14,6 +21,51 @@ from ezengine.envs import VectorEnv, clip_reward
 from ezengine.model import EfficientZeroNet
 from ezengine.replay import ReplayBuffer
 from ezengine.search import BatchedSearch, select_actions
+
+
+def transition_fields(num_envs: int, frame_shape: tuple[int, ...], frame_dtype: np.dtype,
+                      num_actions: int) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """(name, shape, dtype) of every array of a transition record for N environments.
+
+    frames: the observation each action was taken at; final_obs: the observation the step
+    produced (before any auto-reset); rewards: training rewards (clipped when configured);
+    env_steps: the collector's environment steps after this step; game_*: finished games.
+    """
+    n = num_envs
+    return [
+        ("frames", (n, *frame_shape), np.dtype(frame_dtype)),
+        ("final_obs", (n, *frame_shape), np.dtype(frame_dtype)),
+        ("actions", (n,), np.dtype(np.int64)),
+        ("rewards", (n,), np.dtype(np.float32)),
+        ("root_values", (n,), np.dtype(np.float32)),
+        ("policies", (n, num_actions), np.dtype(np.float32)),
+        ("terminated", (n,), np.dtype(bool)),
+        ("truncated", (n,), np.dtype(bool)),
+        ("game_over", (n,), np.dtype(bool)),
+        ("game_scores", (n,), np.dtype(np.float64)),
+        ("game_lengths", (n,), np.dtype(np.int64)),
+        ("env_steps", (1,), np.dtype(np.int64)),
+    ]
+
+
+def store_transition(replay: ReplayBuffer, record: Mapping[str, np.ndarray],
+                     writer_offset: int = 0) -> None:
+    """Append one transition record to the replay; environment i writes as writer
+    `writer_offset + i`, and a finished episode is closed with its final observation."""
+    env_steps = int(record["env_steps"][0])
+    done = record["terminated"] | record["truncated"]
+    for i in range(record["actions"].shape[0]):
+        w = writer_offset + i
+        replay.append(w, record["frames"][i], int(record["actions"][i]),
+                      float(record["rewards"][i]), float(record["root_values"][i]),
+                      record["policies"][i], env_steps)
+        if done[i]:
+            replay.close(w, record["final_obs"][i], bool(record["terminated"][i]), env_steps)
+
+
+def finished_games(record: Mapping[str, np.ndarray]) -> list[float]:
+    """Raw scores of the games that finished in this record."""
+    return [float(s) for s in record["game_scores"][record["game_over"]]]
 
 
 class FrameStacks:
@@ -36,51 +88,64 @@ class FrameStacks:
 
 
 class Collector:
-    """Steps `envs` with the search's policy and stores everything in `replay`.
+    """Steps `envs` with the search's policy.
 
     Args:
-        envs: the training environments (one replay writer each).
-        replay: where trajectories go.
+        envs: the training environments.
         search: the batched search (with root noise) used to act.
         clip_rewards: store sign-clipped rewards as training rewards.
         frame_stack: frames per model input.
         seed: seeds action sampling and random play.
+        env_steps: environment steps already collected (when resuming).
     """
 
-    def __init__(self, envs: VectorEnv, replay: ReplayBuffer, search: BatchedSearch, *,
-                 clip_rewards: bool, frame_stack: int, seed: int) -> None:
+    def __init__(self, envs: VectorEnv, search: BatchedSearch, *, clip_rewards: bool,
+                 frame_stack: int, seed: int, env_steps: int = 0) -> None:
         self.envs = envs
-        self.replay = replay
         self.search = search
         self.clip_rewards = clip_rewards
         self.rng = np.random.default_rng(seed)
         self.stacks = FrameStacks(envs.reset(), frame_stack)
-        self.env_steps = 0
+        self.env_steps = env_steps
+        self.fields = transition_fields(envs.num_envs, envs.observation_shape,
+                                        envs.observation_dtype, envs.num_actions)
 
-    def step(self, model: EfficientZeroNet | None, temperature: float
-             ) -> list[tuple[int, float, int]]:
-        """One step of every environment. With model None, act uniformly at random (the
-        warm-up play). Returns the games that finished: (env index, raw score, length)."""
+    def new_record(self) -> dict[str, np.ndarray]:
+        """Zeroed arrays for one transition record."""
+        return {name: np.zeros(shape, dtype) for name, shape, dtype in self.fields}
+
+    def step(self, model: EfficientZeroNet | None, temperature: float,
+             out: Mapping[str, np.ndarray] | None = None) -> Mapping[str, np.ndarray]:
+        """One step of every environment, written into `out` (for example a ring slot's
+        views) or a new record. With model None, act uniformly at random (the warm-up)."""
+        rec = self.new_record() if out is None else out
         n, a = self.envs.num_envs, self.envs.num_actions
         if model is None:
             actions = self.rng.integers(0, a, size=n)
-            policies = np.full((n, a), 1.0 / a, dtype=np.float32)
-            root_values = np.zeros(n, dtype=np.float32)
+            rec["policies"][...] = 1.0 / a
+            rec["root_values"][...] = 0.0
         else:
             device = next(model.parameters()).device
             obs = torch.from_numpy(self.stacks.model_input()).to(device)
             result = self.search.run(model, obs, add_noise=True)
             actions = select_actions(result.visit_counts, temperature, self.rng)
-            policies = result.policies()
-            root_values = result.root_values
-        newest = self.stacks.frames[:, -1]
-        out = self.envs.step(actions)
-        rewards = clip_reward(out.reward) if self.clip_rewards else out.reward
+            rec["policies"][...] = result.policies()
+            rec["root_values"][...] = result.root_values
+        rec["frames"][...] = self.stacks.frames[:, -1]
+        rec["actions"][...] = actions
+        step = self.envs.step(actions)
+        rec["final_obs"][...] = step.final_obs
+        rec["rewards"][...] = clip_reward(step.reward) if self.clip_rewards else step.reward
+        rec["terminated"][...] = step.terminated
+        rec["truncated"][...] = step.truncated
+        rec["game_over"][...] = False
+        rec["game_scores"][...] = 0.0
+        rec["game_lengths"][...] = 0
+        for i, score, length in step.completed_games:
+            rec["game_over"][i] = True
+            rec["game_scores"][i] = score
+            rec["game_lengths"][i] = length
         self.env_steps += n
-        for i in range(n):
-            self.replay.append(i, newest[i], int(actions[i]), float(rewards[i]),
-                               float(root_values[i]), policies[i], self.env_steps)
-            if out.terminated[i] or out.truncated[i]:
-                self.replay.close(i, out.final_obs[i], bool(out.terminated[i]), self.env_steps)
-        self.stacks.advance(out.obs, out.terminated | out.truncated)
-        return out.completed_games
+        rec["env_steps"][0] = self.env_steps
+        self.stacks.advance(step.obs, step.terminated | step.truncated)
+        return rec

@@ -130,13 +130,16 @@ class Reanalyser:
     @torch.no_grad()
     def policy_targets(self, model: EfficientZeroNet, pos: np.ndarray, has_action: np.ndarray
                        ) -> np.ndarray:
-        """float32 [B, K+1, A]: re-searched for the first reanalyse_fraction of the rows,
+        """float32 [B, K+1, A]: re-searched for a random reanalyse_fraction of the rows,
         stored visit distributions for the rest, zero where there is no action."""
         rp = self.replay
         out = np.where(has_action[..., None], rp.policies[rp.slot(np.maximum(pos, 0))], 0.0)
         n_fresh = round(self.cfg.learner.reanalyse_fraction * pos.shape[0])
+        # A random subset: sampled positions come sorted by slot, so "the first rows"
+        # would always keep the stored policies of the newest data.
+        stale = self.rng.permutation(pos.shape[0])[n_fresh:]
         fresh = has_action.copy()
-        fresh[n_fresh:] = False
+        fresh[stale] = False
         if fresh.any():
             device = next(model.parameters()).device
             obs = self._model_input(pos[fresh], device)

@@ -12,7 +12,7 @@ arrays; when the buffer wraps, the oldest positions are overwritten. Several env
 write interleaved, so a trajectory's positions are linked by ``pred``/``succ`` global indices
 rather than being contiguous. A position becomes sampleable once ``lookahead`` successors
 exist (every target it needs is stored) or its trajectory has ended; it then enters the
-sum-tree at the highest priority seen so far.
+sum-tree at the highest priority currently stored.
 """
 
 from __future__ import annotations
@@ -70,7 +70,6 @@ class ReplayBuffer:
         self.succ = np.full(capacity, -1, dtype=np.int64)
         self.tree = SumTree(capacity, alpha=alpha)
         self.head = 0  # positions ever written; the next global index
-        self.max_priority = 1.0
         self.num_sampleable = 0
         self._last = [-1] * num_writers  # last position of each writer's open trajectory
         self._pending: list[deque[int]] = [deque() for _ in range(num_writers)]
@@ -99,7 +98,8 @@ class ReplayBuffer:
         self.succ[slot] = -1
         prev = self._last[writer]
         self.pred[slot] = prev
-        if prev >= 0 and self.alive(prev):
+        # prev must not be the position this write just overwrote (prev == g - capacity).
+        if prev >= 0 and prev > g - self.capacity:
             self.succ[prev % self.capacity] = g
         self.head += 1
         return g
@@ -137,7 +137,9 @@ class ReplayBuffer:
     def _make_sampleable(self, positions: list[int]) -> None:
         live = np.array([g for g in positions if self.alive(g)], dtype=np.int64)
         if live.size:
-            self.tree.update(live % self.capacity, np.full(live.size, self.max_priority))
+            # New data enters at the highest priority currently stored (1 when empty).
+            top = self.tree.max_priority or 1.0
+            self.tree.update(live % self.capacity, np.full(live.size, top))
             self.num_sampleable += live.size
 
     # ------------------------------------------------------------------ reading
@@ -165,7 +167,6 @@ class ReplayBuffer:
         if keep.any():
             pr = np.asarray(priorities, dtype=np.float64)[keep]
             self.tree.update(self.slot(positions[keep]), pr)
-            self.max_priority = max(self.max_priority, float(pr.max()))
 
     def successors(self, g: np.ndarray) -> np.ndarray:
         """Next position of each position in its trajectory, -1 where there is none."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ezengine.checkpoint import save_checkpoint
-from ezengine.collector import Collector
+from ezengine.collector import Collector, finished_games, store_transition
 from ezengine.config import Config, config_to_dict, save_config
 from ezengine.envs import VectorEnv
 from ezengine.evaluate import evaluate
@@ -107,8 +107,7 @@ class SerialTrainer:
             num_writers=self.envs.num_envs, alpha=cfg.replay.alpha,
             frame_stack=cfg.env.frame_stack, lookahead=lc.unroll_steps + lc.td_steps)
         search = BatchedSearch(cfg.search, a, lc.discount, lc.value_prefix_horizon, seed=seed)
-        self.collector = Collector(self.envs, self.replay, search,
-                                   clip_rewards=cfg.env.clip_rewards,
+        self.collector = Collector(self.envs, search, clip_rewards=cfg.env.clip_rewards,
                                    frame_stack=cfg.env.frame_stack, seed=seed)
         self.reanalyser = Reanalyser(cfg, self.replay, a, seed=seed + 1)
         self.sample_rng = np.random.default_rng(seed + 2)
@@ -132,8 +131,9 @@ class SerialTrainer:
         """One step of every training environment."""
         warmup = self.collector.env_steps < self.cfg.run.start_transitions
         temperature = visit_temperature(self.cfg, self.collector.env_steps)
-        games = self.collector.step(None if warmup else self.selfplay, temperature)
-        self.recent_returns.extend(score for _, score, _ in games)
+        record = self.collector.step(None if warmup else self.selfplay, temperature)
+        store_transition(self.replay, record)
+        self.recent_returns.extend(finished_games(record))
 
     def train_step(self) -> dict[str, float]:
         """Sample, reanalyse, learn, update priorities and the self-play weights."""

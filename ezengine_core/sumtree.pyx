@@ -1,8 +1,9 @@
 # cython: language_level=3
 """Sum-tree over replay priorities for prioritized experience replay (spec 2.7).
 
-Leaves hold priority**alpha; internal nodes hold the sum of their children, and a parallel
-min-tree holds the minimum (for importance weights). Updates recompute parents from their
+Leaves hold priority**alpha; internal nodes hold the sum of their children, and parallel
+min- and max-trees hold the minimum (for importance weights) and the maximum (new data
+enters at the current maximum priority). Updates recompute parents from their
 children rather than adding deltas, so sums never drift. Every batched operation is one call
 with a C loop: O(n log capacity), independent of how full the buffer is.
 """
@@ -27,6 +28,7 @@ cdef class SumTree:
     cdef double alpha
     cdef double[::1] sums
     cdef double[::1] mins
+    cdef double[::1] maxs
 
     def __init__(self, int64_t capacity, double alpha=1.0):
         if capacity < 1:
@@ -40,6 +42,7 @@ cdef class SumTree:
             self.leaves *= 2
         self.sums = np.zeros(2 * self.leaves, dtype=np.float64)
         self.mins = np.full(2 * self.leaves, np.inf, dtype=np.float64)
+        self.maxs = np.zeros(2 * self.leaves, dtype=np.float64)
 
     @property
     def capacity(self) -> int:
@@ -58,6 +61,13 @@ cdef class SumTree:
     def min(self) -> float:
         """Smallest p**alpha among items with a priority set (inf when none)."""
         return self.mins[1]
+
+    @property
+    def max_priority(self) -> float:
+        """Largest priority (before the alpha power) among items set; 0 when none."""
+        if self.maxs[1] <= 0.0:
+            return 0.0
+        return self.maxs[1] ** (1.0 / self.alpha) if self.alpha > 0 else 1.0
 
     def _indices(self, indices):
         idx = np.asarray(indices)
@@ -92,40 +102,40 @@ cdef class SumTree:
         cdef int64_t[::1] iv = idx
         cdef double[::1] pv = pri
         cdef int64_t i, n = idx.shape[0], node
-        cdef double a = self.alpha, left_min, right_min
-        cdef double[::1] sums = self.sums, mins = self.mins
+        cdef double a = self.alpha
+        cdef double[::1] sums = self.sums
         with nogil:
             for i in range(n):
                 node = iv[i] + self.leaves
                 sums[node] = pow(pv[i], a)
-                mins[node] = sums[node]
-                node = node // 2
-                while node >= 1:
-                    sums[node] = sums[2 * node] + sums[2 * node + 1]
-                    left_min = mins[2 * node]
-                    right_min = mins[2 * node + 1]
-                    mins[node] = left_min if left_min < right_min else right_min
-                    node = node // 2
+                self._set_leaf(node, sums[node], sums[node], sums[node])
+
+    cdef void _set_leaf(self, int64_t node, double value, double min_value,
+                        double max_value) noexcept nogil:
+        """Set one leaf and recompute its ancestors from their children."""
+        cdef double l, r
+        self.sums[node] = value
+        self.mins[node] = min_value
+        self.maxs[node] = max_value
+        node = node // 2
+        while node >= 1:
+            self.sums[node] = self.sums[2 * node] + self.sums[2 * node + 1]
+            l = self.mins[2 * node]
+            r = self.mins[2 * node + 1]
+            self.mins[node] = l if l < r else r
+            l = self.maxs[2 * node]
+            r = self.maxs[2 * node + 1]
+            self.maxs[node] = l if l > r else r
+            node = node // 2
 
     def clear(self, indices):
         """Remove items `indices` from sampling (priority 0, excluded from the minimum)."""
         idx = self._indices(indices)
         cdef int64_t[::1] iv = idx
-        cdef int64_t i, n = idx.shape[0], node
-        cdef double left_min, right_min
-        cdef double[::1] sums = self.sums, mins = self.mins
+        cdef int64_t i, n = idx.shape[0]
         with nogil:
             for i in range(n):
-                node = iv[i] + self.leaves
-                sums[node] = 0.0
-                mins[node] = INFINITY
-                node = node // 2
-                while node >= 1:
-                    sums[node] = sums[2 * node] + sums[2 * node + 1]
-                    left_min = mins[2 * node]
-                    right_min = mins[2 * node + 1]
-                    mins[node] = left_min if left_min < right_min else right_min
-                    node = node // 2
+                self._set_leaf(iv[i] + self.leaves, 0.0, INFINITY, 0.0)
 
     def get(self, indices):
         """float64 [n]: stored p**alpha of items `indices`."""

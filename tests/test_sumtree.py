@@ -26,6 +26,7 @@ def test_totals_min_and_sampling_match_brute_force(capacity):
         p_alpha = np.where(p > 0, p ** 0.6, 0.0)
         assert tree.total == pytest.approx(p_alpha.sum(), rel=1e-12)
         assert tree.min == pytest.approx(p_alpha[p > 0].min(), rel=1e-12)
+        assert tree.max_priority == pytest.approx(p.max(), rel=1e-9)
         np.testing.assert_allclose(tree.get(np.arange(capacity)), p_alpha, rtol=1e-12)
         u = rng.random(256)
         got, got_p = tree.sample(u)
@@ -50,6 +51,16 @@ def test_stratified_draws_cover_each_stratum():
     tree.update(np.arange(8), np.ones(8))
     idx, _ = tree.sample(np.full(8, 0.5))
     np.testing.assert_array_equal(idx, np.arange(8))
+
+
+def test_cleared_items_leave_min_and_max():
+    tree = SumTree(8, alpha=0.5)
+    tree.update(np.array([1, 2, 5]), np.array([4.0, 9.0, 1.0]))
+    tree.clear(np.array([2, 5]))
+    assert tree.total == pytest.approx(2.0)  # 4 ** 0.5
+    assert tree.min == pytest.approx(2.0) and tree.max_priority == pytest.approx(4.0)
+    tree.clear(np.array([1]))
+    assert tree.total == 0.0 and tree.min == np.inf and tree.max_priority == 0.0
 
 
 def test_edges_of_the_mass_never_land_on_empty_items():

@@ -1,0 +1,637 @@
+"""The multiprocessing pipeline: collectors, a replay + reanalyse worker and the learner
+around one model, exchanging data through shared-memory rings (design.md, "The pipeline").
+
+    collector-i --transitions ring--> reanalyse (owns the replay) --batches ring--> learner
+         ^                                  ^                                          |
+         |                                  +-------------- priorities ring -----------+
+         +------------ self-play weights (versioned, shared memory) <------------------+
+                       target weights -> reanalyse;  evaluation weights -> evaluator
+
+The same pieces as the serial trainer (Collector, ReplayBuffer, Reanalyser, Learner) run in
+separate processes. Only the learner touches the training device; collectors, the
+reanalyser and the evaluator run CPU copies of versioned weights published by the learner.
+The supervisor (the ``ezengine train`` process) creates every shared-memory block, starts
+and watches the children, prints progress and writes metrics; on Ctrl-C or SIGTERM it stops
+them (the learner writes a final checkpoint), and on a child's crash it stops the run with
+the child's traceback and a non-zero exit. Every segment is unlinked at exit.
+
+Nothing collected is lost: each collector appends every transition record to
+``replay/collector-<i>.bin`` before publishing it, and a resumed run rebuilds its replay
+from those logs (trajectories open at the stop are closed as cut, so they bootstrap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ezengine.checkpoint import load_checkpoint, save_checkpoint
+from ezengine.collector import Collector, finished_games, store_transition, transition_fields
+from ezengine.config import Config, config_from_dict, config_to_dict, save_config
+from ezengine.envs import VectorEnv, make_env
+from ezengine.evaluate import evaluate
+from ezengine.learner import Learner
+from ezengine.model import EfficientZeroNet, build_model
+from ezengine.reanalyse import Reanalyser, TrainingBatch
+from ezengine.replay import ReplayBuffer
+from ezengine.rings import (
+    CountersSpec,
+    Ring,
+    RingClosed,
+    RingSpec,
+    RingTimeout,
+    SharedCounters,
+    SharedWeights,
+    SlotLayout,
+    WeightsSpec,
+    load_flat,
+    run_prefix,
+    state_size,
+    unlink_segments,
+)
+from ezengine.search import BatchedSearch
+from ezengine.trainer import (
+    append_jsonl,
+    configure_torch,
+    resolve_device,
+    total_training_steps,
+    visit_temperature,
+)
+
+POLL_S = 0.001
+INT_COUNTERS = ("stop", "replay_env_steps", "train_steps", "target_version", "batches",
+                "games", "learner_done", "eval_done")
+FLOAT_COUNTERS = ("recent_return", "loss", "loss_value", "loss_policy", "loss_value_prefix",
+                  "loss_consistency", "learner_wait_s", "target_lag")
+
+
+@dataclass
+class Observation:
+    """What the environments look like: one frame's shape and dtype, and |A|."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    num_actions: int
+
+
+@dataclass
+class PipelineSpec:
+    """Everything a child process needs (picklable)."""
+
+    config: dict[str, Any]
+    run_dir: str
+    obs: Observation
+    num_collectors: int
+    resume: bool
+    transitions: list[RingSpec]
+    batches: RingSpec
+    priorities: RingSpec
+    counters: CountersSpec
+    selfplay_weights: WeightsSpec
+    target_weights: WeightsSpec
+    eval_weights: WeightsSpec
+
+    def cfg(self) -> Config:
+        return config_from_dict(self.config, source=f"{self.run_dir}/config.yaml")
+
+
+# ---------------------------------------------------------------------- layouts and logs
+
+
+def batch_fields(cfg: Config, obs: Observation) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """(name, shape, dtype) of a TrainingBatch in the batches ring."""
+    b, k, a = cfg.learner.batch_size, cfg.learner.unroll_steps, obs.num_actions
+    frame = (obs.shape[0] * cfg.env.frame_stack, *obs.shape[1:])
+    dt = np.dtype(obs.dtype)
+    return [
+        ("obs", (b, *frame), dt), ("next_obs", (b, k, *frame), dt),
+        ("actions", (b, k), np.dtype(np.int64)),
+        ("value_targets", (b, k + 1), np.dtype(np.float32)),
+        ("value_prefix_targets", (b, k), np.dtype(np.float32)),
+        ("policy_targets", (b, k + 1, a), np.dtype(np.float32)),
+        ("masks", (b, k + 1), np.dtype(np.float32)),
+        ("weights", (b,), np.dtype(np.float32)),
+        ("positions", (b,), np.dtype(np.int64)),
+        ("target_version", (1,), np.dtype(np.int64)),
+    ]
+
+
+def transition_layout(cfg: Config, obs: Observation) -> list[tuple[str, tuple[int, ...],
+                                                                   np.dtype]]:
+    """Fields of one collector's transition records."""
+    return transition_fields(cfg.env.num_envs, obs.shape, np.dtype(obs.dtype), obs.num_actions)
+
+
+class TransitionLog:
+    """Append-only file of fixed-size transition records (one collector's, in order).
+
+    A record is the concatenation of its fields' bytes; a record cut short by a crash is
+    ignored when reading.
+    """
+
+    def __init__(self, path: Path, layout: list[tuple[str, tuple[int, ...], np.dtype]]) -> None:
+        self.path = path
+        self.dtype = np.dtype([(name, dt, shape) for name, shape, dt in layout])
+
+    def append(self, record: Any) -> None:
+        """Write one record (a mapping of arrays) and hand it to the OS: a killed process
+        loses nothing it has appended."""
+        with open(self.path, "ab") as f:
+            f.write(b"".join(np.ascontiguousarray(record[name]).tobytes()
+                             for name in self.dtype.names))
+
+    def read(self) -> np.ndarray:
+        """All complete records, as a structured array."""
+        if not self.path.exists():
+            return np.zeros(0, dtype=self.dtype)
+        raw = self.path.read_bytes()
+        whole = len(raw) // self.dtype.itemsize
+        return np.frombuffer(raw[:whole * self.dtype.itemsize], dtype=self.dtype)
+
+
+def log_path(run_dir: str | Path, index: int) -> Path:
+    return Path(run_dir) / "replay" / f"collector-{index}.bin"
+
+
+def cpu_model(cfg: Config, obs: Observation) -> EfficientZeroNet:
+    """A CPU copy of the network for acting or reanalysing (eval mode)."""
+    return build_model(cfg.model, obs.shape, obs.num_actions, cfg.env.frame_stack).eval()
+
+
+def refresh(model: EfficientZeroNet, weights: SharedWeights, flat: np.ndarray,
+            loaded: int) -> int:
+    """Load newer published weights into `model`; returns the version now loaded."""
+    if weights.version != loaded:
+        loaded = weights.read_into(flat)
+        load_flat(model, flat)
+    return loaded
+
+
+def wait_for_version(weights: SharedWeights, counters: SharedCounters) -> None:
+    """Block until the learner has published the first weights (or the run stops)."""
+    while weights.version == 0 and not counters["stop"]:
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------- roles
+
+
+def run_collector(spec: PipelineSpec, index: int) -> None:
+    """Step this collector's environments and publish every transition record."""
+    cfg = spec.cfg()
+    counters = SharedCounters.attach(spec.counters)
+    ring = Ring.attach(spec.transitions[index])
+    weights = SharedWeights.attach(spec.selfplay_weights)
+    log = TransitionLog(log_path(spec.run_dir, index), transition_layout(cfg, spec.obs))
+    done_before = log.read()
+    start_steps = int(done_before["env_steps"][-1, 0]) if len(done_before) else 0
+    del done_before
+    n = cfg.env.num_envs
+    # A fresh seed stream after a resume, so resumed episodes do not repeat old ones.
+    seed = cfg.run.seed + 1000 * (index + 1) + start_steps
+    envs = VectorEnv(cfg.env, seed=seed, train=True)
+    search = BatchedSearch(cfg.search, spec.obs.num_actions, cfg.learner.discount,
+                           cfg.learner.value_prefix_horizon, seed=seed)
+    collector = Collector(envs, search, clip_rewards=cfg.env.clip_rewards,
+                          frame_stack=cfg.env.frame_stack, seed=seed, env_steps=start_steps)
+    model = cpu_model(cfg, spec.obs)
+    flat = np.empty(weights.spec.size, dtype=np.float32)
+    loaded = 0
+    share = -(-cfg.run.env_steps // (spec.num_collectors * n)) * n  # this collector's budget
+    run = cfg.run
+    while not counters["stop"] and collector.env_steps < share:
+        total = counters["replay_env_steps"]
+        warmup = total < run.start_transitions
+        if not warmup:
+            # Pacing: stay within one vector step of the replay ratio.
+            allowed = run.start_transitions + (counters["train_steps"] + 1) / run.replay_ratio
+            if total >= allowed + n * spec.num_collectors:
+                time.sleep(POLL_S)
+                continue
+            loaded = refresh(model, weights, flat, loaded)
+        temperature = visit_temperature(cfg, total)
+        try:
+            with ring.write(timeout=1.0) as slot:
+                collector.step(None if warmup else model, temperature, out=slot)
+                log.append(slot)
+        except RingTimeout:
+            continue
+    envs.close()
+    ring.close()
+
+
+def run_reanalyse(spec: PipelineSpec) -> None:
+    """Own the replay: store transitions, apply priorities, build training batches."""
+    cfg = spec.cfg()
+    counters = SharedCounters.attach(spec.counters)
+    rings = [Ring.attach(s) for s in spec.transitions]
+    batches = Ring.attach(spec.batches)
+    priorities = Ring.attach(spec.priorities)
+    target_weights = SharedWeights.attach(spec.target_weights)
+    n, lc, run = cfg.env.num_envs, cfg.learner, cfg.run
+    replay = ReplayBuffer(
+        cfg.replay.capacity, spec.obs.shape, np.dtype(spec.obs.dtype), spec.obs.num_actions,
+        num_writers=spec.num_collectors * n, alpha=cfg.replay.alpha,
+        frame_stack=cfg.env.frame_stack, lookahead=lc.unroll_steps + lc.td_steps)
+    env_steps = [0] * spec.num_collectors
+    recent: deque[float] = deque(maxlen=20)
+    if spec.resume:
+        for i in range(spec.num_collectors):
+            env_steps[i] = rebuild_from_log(replay, log_path(spec.run_dir, i),
+                                            transition_layout(cfg, spec.obs), i * n, recent)
+    counters["replay_env_steps"] = sum(env_steps)
+    reanalyser = Reanalyser(cfg, replay, spec.obs.num_actions, seed=cfg.run.seed + 1)
+    target = cpu_model(cfg, spec.obs)
+    flat = np.empty(target_weights.spec.size, dtype=np.float32)
+    loaded = 0
+    rng = np.random.default_rng(cfg.run.seed + 2)
+    total_train = total_training_steps(cfg)
+    open_rings = set(range(len(rings)))
+    while not counters["stop"] and not counters["learner_done"]:
+        busy = False
+        for i in list(open_rings):
+            try:
+                with rings[i].try_read() as rec:
+                    if rec is None:
+                        continue
+                    store_transition(replay, rec, writer_offset=i * n)
+                    env_steps[i] = int(rec["env_steps"][0])
+                    games = finished_games(rec)
+            except RingClosed:
+                open_rings.discard(i)
+                continue
+            busy = True
+            counters["replay_env_steps"] = sum(env_steps)
+            if games:
+                recent.extend(games)
+                counters.add("games", len(games))
+                counters["recent_return"] = float(np.mean(recent))
+        with priorities.try_read() as upd:
+            if upd is not None:
+                replay.update_priorities(np.array(upd["positions"]), np.array(upd["priorities"]))
+                busy = True
+        total = sum(env_steps)
+        built = counters["batches"]
+        wanted = (total_train if total >= run.env_steps
+                  else run.replay_ratio * (total - run.start_transitions))
+        ready = (total >= run.start_transitions and replay.num_sampleable > 0
+                 and built < wanted + batches.spec.num_slots
+                 and batches.fill() < batches.spec.num_slots and built < total_train)
+        if ready:
+            wait_for_version(target_weights, counters)
+            loaded = refresh(target, target_weights, flat, loaded)
+            progress = min(counters["train_steps"] / max(total_train, 1), 1.0)
+            beta = cfg.replay.beta_start + (cfg.replay.beta_end - cfg.replay.beta_start) * progress
+            sample = replay.sample(lc.batch_size, beta, rng)
+            batch = reanalyser.build(target, sample, total, counters["target_version"])
+            with batches.write(timeout=60.0) as slot:
+                for f in fields(batch):
+                    value = getattr(batch, f.name)
+                    slot[f.name][...] = value
+            counters.add("batches")
+            busy = True
+        if not busy:
+            time.sleep(POLL_S)
+
+
+def rebuild_from_log(replay: ReplayBuffer, path: Path, layout: list, writer_offset: int,
+                     recent: deque[float]) -> int:
+    """Replay a collector's log into `replay`; close trajectories left open as cut (they
+    bootstrap from the last observation). Returns the collector's environment steps."""
+    records = TransitionLog(path, layout).read()
+    if len(records) == 0:
+        return 0
+    for rec in records:
+        store_transition(replay, rec, writer_offset)
+        recent.extend(finished_games(rec))
+    last = records[-1]
+    open_envs = ~(last["terminated"] | last["truncated"])
+    steps = int(last["env_steps"][0])
+    for i in np.flatnonzero(open_envs):
+        replay.close(writer_offset + int(i), last["final_obs"][i], False, steps)
+    return steps
+
+
+def run_learner(spec: PipelineSpec) -> None:
+    """Own the model: train on batches, send priorities, publish weights, checkpoint."""
+    cfg = spec.cfg()
+    counters = SharedCounters.attach(spec.counters)
+    batches = Ring.attach(spec.batches)
+    priorities = Ring.attach(spec.priorities)
+    selfplay = SharedWeights.attach(spec.selfplay_weights)
+    target_w = SharedWeights.attach(spec.target_weights)
+    eval_w = SharedWeights.attach(spec.eval_weights)
+    device = resolve_device(cfg.run.device)
+    learner = Learner(cfg, cpu_model(cfg, spec.obs).train(), device)
+    run_dir = Path(spec.run_dir)
+    ckpt_path = run_dir / "checkpoints" / "latest.pt"
+    if spec.resume and ckpt_path.exists():
+        learner.load_state_dict(load_checkpoint(ckpt_path, map_location=device)["learner"])
+    published = {"selfplay": 0, "target": 0, "eval": 0}
+
+    def publish(name: str, block: SharedWeights, module: torch.nn.Module) -> None:
+        published[name] += 1
+        block.publish_state(module.state_dict(), published[name])
+
+    def checkpoint() -> None:
+        save_checkpoint({"learner": learner.state_dict(),
+                         "selfplay": learner.model.state_dict(),
+                         "env_steps": counters["replay_env_steps"],
+                         "config": spec.config}, ckpt_path)
+
+    counters["train_steps"] = learner.steps
+    counters["target_version"] = learner.target_version
+    publish("selfplay", selfplay, learner.model)
+    publish("target", target_w, learner.target)
+    run = cfg.run
+    total_train = total_training_steps(cfg)
+    wait = 0.0
+    while learner.steps < total_train and not counters["stop"]:
+        t0 = time.perf_counter()
+        try:
+            with batches.read(timeout=0.5) as slot:
+                batch = TrainingBatch(**{f.name: np.array(slot[f.name]) for f in
+                                         fields(TrainingBatch) if f.name != "target_version"},
+                                      target_version=int(slot["target_version"][0]))
+        except RingTimeout:
+            wait += time.perf_counter() - t0
+            counters["learner_wait_s"] = wait
+            continue
+        wait += time.perf_counter() - t0
+        target_before = learner.target_version
+        metrics, prio = learner.train_step(batch)
+        try:
+            with priorities.write(timeout=10.0) as slot:
+                slot["positions"][...] = batch.positions
+                slot["priorities"][...] = prio
+        except RingTimeout:
+            if counters["stop"]:
+                break
+            raise
+        steps = learner.steps
+        counters["train_steps"] = steps
+        counters["learner_wait_s"] = wait
+        for name in FLOAT_COUNTERS:
+            if name in metrics:
+                counters[name] = metrics[name]
+        if steps % run.selfplay_update_interval == 0:
+            publish("selfplay", selfplay, learner.model)
+        if learner.target_version != target_before:
+            publish("target", target_w, learner.target)
+            counters["target_version"] = learner.target_version
+        if steps % run.eval_interval == 0 or steps == total_train:
+            counters["eval_request"] = steps
+            publish("eval", eval_w, learner.model)
+        if steps % run.checkpoint_interval == 0:
+            checkpoint()
+    checkpoint()
+    counters["learner_done"] = 1
+
+
+def run_evaluator(spec: PipelineSpec) -> None:
+    """Evaluate each model the learner publishes for evaluation; append to eval.jsonl."""
+    cfg = spec.cfg()
+    counters = SharedCounters.attach(spec.counters)
+    weights = SharedWeights.attach(spec.eval_weights)
+    model = cpu_model(cfg, spec.obs)
+    flat = np.empty(weights.spec.size, dtype=np.float32)
+    loaded = 0
+    start = time.perf_counter()
+    while not counters["stop"]:
+        learner_done = counters["learner_done"]  # read before the version: no lost final eval
+        if weights.version == loaded:
+            if learner_done:
+                break
+            time.sleep(0.05)
+            continue
+        loaded = refresh(model, weights, flat, loaded)
+        steps = counters["eval_request"]
+        env_steps = counters["replay_env_steps"]
+        result = evaluate(model, cfg, cfg.run.eval_episodes, seed=cfg.run.seed + 10_000)
+        row = {"train_steps": steps, "env_steps": env_steps,
+               "wall_s": round(time.perf_counter() - start, 1), **result.record()}
+        append_jsonl(Path(spec.run_dir) / "eval.jsonl", row)
+        counters["eval_done"] = steps
+
+
+ROLES = {"learner": run_learner, "reanalyse": run_reanalyse, "evaluator": run_evaluator}
+
+
+def child_main(role: str, index: int, spec: PipelineSpec, errors: Any) -> None:
+    """Entry point of every child: quiet Ctrl-C (the supervisor handles it), one torch
+    thread, flushed denormals; a crash sends its traceback to the supervisor."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_torch(threads=1)
+    name = f"{role}-{index}" if role == "collector" else role
+    try:
+        if role == "collector":
+            run_collector(spec, index)
+        else:
+            ROLES[role](spec)
+    except BaseException:
+        errors.put((name, traceback.format_exc()))
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------- supervisor
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+class PipelineTrainer:
+    """Starts, watches and stops the pipeline's processes (the `ezengine train` process).
+
+    Args:
+        cfg: the resolved config.
+        run_dir: the run directory (config, checkpoints, replay logs, metrics, evaluations).
+        echo: receives progress lines.
+        resume: continue the run in `run_dir` (its replay logs and latest checkpoint).
+        num_collectors: collector processes.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, echo: Any = print, *, resume: bool = False,
+                 num_collectors: int = 1) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.echo = echo
+        self.resume = resume
+        self.num_collectors = num_collectors
+        self.stop_reason: str | None = None
+        self.failure: tuple[str, str] | None = None
+
+    def _observation(self) -> Observation:
+        env = make_env(self.cfg.env, seed=0, train=True)
+        shape, dtype = env.observation_space.shape, np.dtype(env.observation_space.dtype)
+        obs = Observation(tuple(shape), dtype.str, int(env.action_space.n))
+        env.close()
+        return obs
+
+    def _handle_signal(self, signum: int, _frame: Any) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = signal.Signals(signum).name
+            self.echo(f"{self.stop_reason}: stopping (final checkpoint, then exit)")
+
+    def run(self) -> int:
+        """Run to the end of the budget or a stop; returns the process exit code."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "replay").mkdir(exist_ok=True)
+        if not self.resume:
+            save_config(cfg, self.run_dir / "config.yaml")
+        obs = self._observation()
+        size = state_size(cpu_model(cfg, obs).state_dict())
+        prefix = run_prefix("ez")
+        blocks: list[Any] = []
+        try:
+            transitions = [Ring.create(prefix, SlotLayout(transition_layout(cfg, obs)), 64,
+                                       name=f"transitions: collector-{i} -> reanalyse")
+                           for i in range(self.num_collectors)]
+            batches = Ring.create(prefix, SlotLayout(batch_fields(cfg, obs)), 2,
+                                  name="batches: reanalyse -> learner")
+            b = cfg.learner.batch_size
+            priorities = Ring.create(prefix, SlotLayout([
+                ("positions", (b,), np.int64), ("priorities", (b,), np.float64)]), 16,
+                name="priorities: learner -> reanalyse")
+            counters = SharedCounters.create(
+                prefix, ints=(*INT_COUNTERS, "eval_request",
+                              *(f"env_steps_{i}" for i in range(self.num_collectors))),
+                floats=FLOAT_COUNTERS)
+            weights = {name: SharedWeights.create(prefix, size, name=f"{name} weights")
+                       for name in ("selfplay", "target", "eval")}
+            blocks = [*transitions, batches, priorities, counters, *weights.values()]
+            spec = PipelineSpec(config_to_dict(cfg), str(self.run_dir), obs,
+                                self.num_collectors, self.resume,
+                                [r.spec for r in transitions], batches.spec, priorities.spec,
+                                counters.spec, weights["selfplay"].spec,
+                                weights["target"].spec, weights["eval"].spec)
+            return self._supervise(spec, counters)
+        finally:
+            for block in blocks:
+                block.unlink()
+            unlink_segments(prefix)
+
+    def _supervise(self, spec: PipelineSpec, counters: SharedCounters) -> int:
+        ctx = mp.get_context("spawn")
+        errors = ctx.Queue()
+        procs: dict[str, mp.process.BaseProcess] = {}
+        roles = [("learner", 0), ("reanalyse", 0), ("evaluator", 0)]
+        roles += [("collector", i) for i in range(self.num_collectors)]
+        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for role, index in roles:
+                name = f"{role}-{index}" if role == "collector" else role
+                procs[name] = ctx.Process(target=child_main, args=(role, index, spec, errors),
+                                          name=f"ezengine-{name}", daemon=True)
+                procs[name].start()
+            self.echo(f"run dir {self.run_dir} | {self.cfg.env.id} | processes: "
+                      f"{', '.join(procs)} | {self.cfg.run.env_steps:,} env steps, "
+                      f"{total_training_steps(self.cfg):,} training steps")
+            self._watch(procs, counters, errors)
+        finally:
+            counters["stop"] = 1
+            deadline = time.monotonic() + 30.0
+            for p in procs.values():
+                p.join(timeout=max(deadline - time.monotonic(), 0.1))
+            for p in procs.values():
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5.0)
+            self._drain_errors(errors)
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        if self.failure is not None:
+            who, tb = self.failure
+            self.echo(f"run failed in {who}:\n{tb}")
+            return 1
+        return 0
+
+    def _drain_errors(self, errors: Any) -> None:
+        with contextlib.suppress(Exception):
+            while not errors.empty():
+                who, tb = errors.get_nowait()
+                if self.failure is None or "died" in self.failure[1]:
+                    self.failure = (who, tb)
+
+    def _watch(self, procs: dict[str, mp.process.BaseProcess], counters: SharedCounters,
+               errors: Any) -> None:
+        cfg = self.cfg
+        start = last = time.perf_counter()
+        last_snap = counters.snapshot()
+        total_train = total_training_steps(cfg)
+        while True:
+            time.sleep(0.1)
+            self._drain_errors(errors)
+            if self.failure is not None or self.stop_reason is not None:
+                counters["stop"] = 1
+                # Give the learner time to write its final checkpoint.
+                procs["learner"].join(timeout=30.0)
+                return
+            for name, p in procs.items():
+                code = p.exitcode
+                if code is not None and code != 0:
+                    time.sleep(0.2)
+                    self._drain_errors(errors)
+                    if self.failure is None:
+                        self.failure = (name, f"{name} died ({describe_exit(code)})")
+                    break
+            if self.failure is not None:
+                continue
+            learner_finished = procs["learner"].exitcode == 0
+            if learner_finished and (counters["eval_done"] >= total_train
+                                     or procs["evaluator"].exitcode is not None):
+                self._progress(counters, last_snap, time.perf_counter() - last, start)
+                self.echo(f"done in {time.perf_counter() - start:.0f}s")
+                return
+            now = time.perf_counter()
+            if now - last >= cfg.run.log_interval_s:
+                self._progress(counters, last_snap, now - last, start)
+                last, last_snap = now, counters.snapshot()
+
+    def _progress(self, counters: SharedCounters, before: dict[str, Any], seconds: float,
+                  start: float) -> None:
+        snap = counters.snapshot()
+        env_rate = (snap["replay_env_steps"] - before["replay_env_steps"]) / max(seconds, 1e-9)
+        train_rate = (snap["train_steps"] - before["train_steps"]) / max(seconds, 1e-9)
+        waited = (snap["learner_wait_s"] - before["learner_wait_s"]) / max(seconds, 1e-9)
+        row = {"wall_s": round(time.perf_counter() - start, 1),
+               "env_steps": snap["replay_env_steps"], "train_steps": snap["train_steps"],
+               "env_steps_per_s": round(env_rate, 2), "train_steps_per_s": round(train_rate, 2),
+               "learner_wait_fraction": round(min(waited, 1.0), 3),
+               "recent_return": snap["recent_return"] if snap["games"] else None,
+               "target_version": snap["target_version"],
+               **{k: snap[k] for k in FLOAT_COUNTERS if k.startswith("loss")},
+               "target_lag": snap["target_lag"]}
+        append_jsonl(self.run_dir / "metrics.jsonl", row)
+        ret = "-" if row["recent_return"] is None else f"{row['recent_return']:.1f}"
+        self.echo(f"env {row['env_steps']:,}/{self.cfg.run.env_steps:,} | train "
+                  f"{row['train_steps']:,}/{total_training_steps(self.cfg):,} | return {ret} | "
+                  f"loss {row['loss']:.3f} | {env_rate:.0f} env/s {train_rate:.1f} train/s | "
+                  f"learner waits {100 * row['learner_wait_fraction']:.0f}%")
+
+
+def last_eval(run_dir: Path) -> dict[str, Any] | None:
+    """The last row of a run's eval.jsonl, if any."""
+    path = Path(run_dir) / "eval.jsonl"
+    if not path.exists():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
