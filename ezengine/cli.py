@@ -29,7 +29,8 @@ def _default_run_dir(config_path: Path) -> Path:
 
 
 @main.command()
-@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("config", required=False,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override one config value (repeatable), e.g. --set learner.lr=0.1.")
 @click.option("--env-steps", type=click.IntRange(min=1), default=None,
@@ -40,12 +41,24 @@ def _default_run_dir(config_path: Path) -> Path:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to write config, checkpoints and metrics "
                    "[default: runs/<config>-<timestamp>].")
+@click.option("--resume", "resume_dir", default=None,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Continue the run in this directory (its config, latest checkpoint and "
+                   "replay logs); CONFIG is then not needed.")
+@click.option("--collectors", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Collector processes (multiprocessing mode).")
 @click.option("--serial", is_flag=True,
               help="Run collection, reanalyse and learning in one process (debugging, "
                    "profiling).")
-def train(config: Path, overrides: tuple[str, ...], env_steps: int | None, device: str | None,
-          seed: int | None, run_dir: Path | None, serial: bool) -> None:
-    """Train an agent from a YAML CONFIG (for example configs/cartpole.yaml)."""
+def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None,
+          device: str | None, seed: int | None, run_dir: Path | None, resume_dir: Path | None,
+          collectors: int, serial: bool) -> None:
+    """Train an agent from a YAML CONFIG (for example configs/cartpole.yaml).
+
+    By default collectors, a replay + reanalyse worker, the learner and an evaluator run as
+    separate processes exchanging data through shared memory; Ctrl-C stops them all after a
+    final checkpoint, and `--resume RUN_DIR` continues from there.
+    """
     extra = list(overrides)
     if env_steps is not None:
         extra.append(f"run.env_steps={env_steps}")
@@ -53,15 +66,34 @@ def train(config: Path, overrides: tuple[str, ...], env_steps: int | None, devic
         extra.append(f"run.device={device}")
     if seed is not None:
         extra.append(f"run.seed={seed}")
+    if resume_dir is not None:
+        if config is not None or run_dir is not None:
+            raise click.UsageError("--resume takes the config and run dir from RUN_DIR; "
+                                   "do not pass CONFIG or --run-dir with it")
+        if serial:
+            raise click.UsageError("--resume works in multiprocessing mode, not with --serial")
+        config, run_dir = resume_dir / "config.yaml", resume_dir
+        if not config.is_file():
+            raise click.UsageError(f"{resume_dir} is not a run directory: no config.yaml")
+    elif config is None:
+        raise click.UsageError("give a CONFIG file (for example configs/cartpole.yaml) or "
+                               "--resume RUN_DIR")
     try:
         cfg = load_config(config, extra)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    if not serial:
-        click.echo("the multiprocessing pipeline is not built yet; running --serial", err=True)
-    from ezengine.trainer import SerialTrainer  # torch import deferred: fast --help
+    run_dir = run_dir or _default_run_dir(config)
+    if serial:
+        from ezengine.trainer import SerialTrainer  # torch import deferred: fast --help
 
-    SerialTrainer(cfg, run_dir or _default_run_dir(config), echo=click.echo).run()
+        SerialTrainer(cfg, run_dir, echo=click.echo).run()
+        return
+    from ezengine.pipeline import PipelineTrainer
+
+    code = PipelineTrainer(cfg, run_dir, echo=click.echo, resume=resume_dir is not None,
+                           num_collectors=collectors).run()
+    if code != 0:
+        raise SystemExit(code)
 
 
 # ---------------------------------------------------------------------------------------

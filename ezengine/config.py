@@ -14,15 +14,15 @@ import dataclasses
 import difflib
 import itertools
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
+
+from ezengine.atomic import atomic_write
 
 __all__ = [
     "SECTIONS",
@@ -548,15 +548,5 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (temp file in the same directory, then
     ``os.replace``) so a reader never sees a half-written file."""
-    path = Path(path)
     text = yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(text.encode()))

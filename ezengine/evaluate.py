@@ -36,7 +36,7 @@ class EvalResult:
         """A JSON-ready summary."""
         return {"episodes": len(self.returns), "mean_return": self.mean,
                 "std_return": self.std, "returns": self.returns, "lengths": self.lengths,
-                "wall_s": round(self.wall_s, 2), **self.extra}
+                "eval_s": round(self.wall_s, 2), **self.extra}
 
 
 @torch.no_grad()

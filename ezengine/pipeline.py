@@ -23,6 +23,7 @@ from those logs (trajectories open at the stop are closed as cut, so they bootst
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import multiprocessing as mp
 import signal
@@ -71,8 +72,18 @@ from ezengine.trainer import (
 )
 
 POLL_S = 0.001
-INT_COUNTERS = ("stop", "replay_env_steps", "train_steps", "target_version", "batches",
-                "games", "learner_done", "eval_done")
+# Blocks this (child) process attached; detached before it exits so no view outlives them.
+_ATTACHED: list[Any] = []
+
+
+def attach(kind: type, spec: Any) -> Any:
+    """Attach a shared-memory block (Ring, SharedCounters or SharedWeights) in a child."""
+    block = kind.attach(spec)
+    _ATTACHED.append(block)
+    return block
+INT_COUNTERS = ("stop", "replay_env_steps", "replay_positions", "train_steps",
+                "target_version", "batches", "games", "learner_done", "eval_done",
+                "eval_request")
 FLOAT_COUNTERS = ("recent_return", "loss", "loss_value", "loss_policy", "loss_value_prefix",
                   "loss_consistency", "learner_wait_s", "target_lag")
 
@@ -191,9 +202,9 @@ def wait_for_version(weights: SharedWeights, counters: SharedCounters) -> None:
 def run_collector(spec: PipelineSpec, index: int) -> None:
     """Step this collector's environments and publish every transition record."""
     cfg = spec.cfg()
-    counters = SharedCounters.attach(spec.counters)
-    ring = Ring.attach(spec.transitions[index])
-    weights = SharedWeights.attach(spec.selfplay_weights)
+    counters = attach(SharedCounters, spec.counters)
+    ring = attach(Ring, spec.transitions[index])
+    weights = attach(SharedWeights, spec.selfplay_weights)
     log = TransitionLog(log_path(spec.run_dir, index), transition_layout(cfg, spec.obs))
     done_before = log.read()
     start_steps = int(done_before["env_steps"][-1, 0]) if len(done_before) else 0
@@ -235,11 +246,11 @@ def run_collector(spec: PipelineSpec, index: int) -> None:
 def run_reanalyse(spec: PipelineSpec) -> None:
     """Own the replay: store transitions, apply priorities, build training batches."""
     cfg = spec.cfg()
-    counters = SharedCounters.attach(spec.counters)
-    rings = [Ring.attach(s) for s in spec.transitions]
-    batches = Ring.attach(spec.batches)
-    priorities = Ring.attach(spec.priorities)
-    target_weights = SharedWeights.attach(spec.target_weights)
+    counters = attach(SharedCounters, spec.counters)
+    rings = [attach(Ring, s) for s in spec.transitions]
+    batches = attach(Ring, spec.batches)
+    priorities = attach(Ring, spec.priorities)
+    target_weights = attach(SharedWeights, spec.target_weights)
     n, lc, run = cfg.env.num_envs, cfg.learner, cfg.run
     replay = ReplayBuffer(
         cfg.replay.capacity, spec.obs.shape, np.dtype(spec.obs.dtype), spec.obs.num_actions,
@@ -252,6 +263,7 @@ def run_reanalyse(spec: PipelineSpec) -> None:
             env_steps[i] = rebuild_from_log(replay, log_path(spec.run_dir, i),
                                             transition_layout(cfg, spec.obs), i * n, recent)
     counters["replay_env_steps"] = sum(env_steps)
+    counters["replay_positions"] = min(replay.head, replay.capacity)
     reanalyser = Reanalyser(cfg, replay, spec.obs.num_actions, seed=cfg.run.seed + 1)
     target = cpu_model(cfg, spec.obs)
     flat = np.empty(target_weights.spec.size, dtype=np.float32)
@@ -274,6 +286,7 @@ def run_reanalyse(spec: PipelineSpec) -> None:
                 continue
             busy = True
             counters["replay_env_steps"] = sum(env_steps)
+            counters["replay_positions"] = min(replay.head, replay.capacity)
             if games:
                 recent.extend(games)
                 counters.add("games", len(games))
@@ -327,12 +340,12 @@ def rebuild_from_log(replay: ReplayBuffer, path: Path, layout: list, writer_offs
 def run_learner(spec: PipelineSpec) -> None:
     """Own the model: train on batches, send priorities, publish weights, checkpoint."""
     cfg = spec.cfg()
-    counters = SharedCounters.attach(spec.counters)
-    batches = Ring.attach(spec.batches)
-    priorities = Ring.attach(spec.priorities)
-    selfplay = SharedWeights.attach(spec.selfplay_weights)
-    target_w = SharedWeights.attach(spec.target_weights)
-    eval_w = SharedWeights.attach(spec.eval_weights)
+    counters = attach(SharedCounters, spec.counters)
+    batches = attach(Ring, spec.batches)
+    priorities = attach(Ring, spec.priorities)
+    selfplay = attach(SharedWeights, spec.selfplay_weights)
+    target_w = attach(SharedWeights, spec.target_weights)
+    eval_w = attach(SharedWeights, spec.eval_weights)
     device = resolve_device(cfg.run.device)
     learner = Learner(cfg, cpu_model(cfg, spec.obs).train(), device)
     run_dir = Path(spec.run_dir)
@@ -403,8 +416,8 @@ def run_learner(spec: PipelineSpec) -> None:
 def run_evaluator(spec: PipelineSpec) -> None:
     """Evaluate each model the learner publishes for evaluation; append to eval.jsonl."""
     cfg = spec.cfg()
-    counters = SharedCounters.attach(spec.counters)
-    weights = SharedWeights.attach(spec.eval_weights)
+    counters = attach(SharedCounters, spec.counters)
+    weights = attach(SharedWeights, spec.eval_weights)
     model = cpu_model(cfg, spec.obs)
     flat = np.empty(weights.spec.size, dtype=np.float32)
     loaded = 0
@@ -429,12 +442,20 @@ def run_evaluator(spec: PipelineSpec) -> None:
 ROLES = {"learner": run_learner, "reanalyse": run_reanalyse, "evaluator": run_evaluator}
 
 
+def set_process_name(name: str) -> None:
+    """Show `name` in ps/top (Linux; a no-op elsewhere)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
 def child_main(role: str, index: int, spec: PipelineSpec, errors: Any) -> None:
     """Entry point of every child: quiet Ctrl-C (the supervisor handles it), one torch
     thread, flushed denormals; a crash sends its traceback to the supervisor."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_torch(threads=1)
     name = f"{role}-{index}" if role == "collector" else role
+    set_process_name(f"ez-{name}")
+    configure_torch(threads=1)
     try:
         if role == "collector":
             run_collector(spec, index)
@@ -443,6 +464,9 @@ def child_main(role: str, index: int, spec: PipelineSpec, errors: Any) -> None:
     except BaseException:
         errors.put((name, traceback.format_exc()))
         sys.exit(1)
+    finally:
+        for block in _ATTACHED:
+            block.detach()
 
 
 # ---------------------------------------------------------------------- supervisor
@@ -498,6 +522,11 @@ class PipelineTrainer:
             save_config(cfg, self.run_dir / "config.yaml")
         obs = self._observation()
         size = state_size(cpu_model(cfg, obs).state_dict())
+        if self.resume:
+            # Every collector that wrote a log must be rebuilt (and continues collecting).
+            logs = len(list((self.run_dir / "replay").glob("collector-*.bin")))
+            self.num_collectors = max(self.num_collectors, logs)
+            resume_point = self._resume_point(obs)
         prefix = run_prefix("ez")
         blocks: list[Any] = []
         try:
@@ -511,12 +540,13 @@ class PipelineTrainer:
                 ("positions", (b,), np.int64), ("priorities", (b,), np.float64)]), 16,
                 name="priorities: learner -> reanalyse")
             counters = SharedCounters.create(
-                prefix, ints=(*INT_COUNTERS, "eval_request",
-                              *(f"env_steps_{i}" for i in range(self.num_collectors))),
+                prefix, ints=INT_COUNTERS,
                 floats=FLOAT_COUNTERS)
             weights = {name: SharedWeights.create(prefix, size, name=f"{name} weights")
                        for name in ("selfplay", "target", "eval")}
             blocks = [*transitions, batches, priorities, counters, *weights.values()]
+            if self.resume:
+                counters["train_steps"], counters["replay_env_steps"] = resume_point
             spec = PipelineSpec(config_to_dict(cfg), str(self.run_dir), obs,
                                 self.num_collectors, self.resume,
                                 [r.spec for r in transitions], batches.spec, priorities.spec,
@@ -527,6 +557,23 @@ class PipelineTrainer:
             for block in blocks:
                 block.unlink()
             unlink_segments(prefix)
+
+    def _resume_point(self, obs: Observation) -> tuple[int, int]:
+        """(training steps of the latest checkpoint, env steps in the replay logs); says
+        where the run resumes from."""
+        ckpt = self.run_dir / "checkpoints" / "latest.pt"
+        steps = 0
+        if ckpt.exists():
+            with contextlib.suppress(Exception):  # a broken one is the learner's to report
+                steps = int(load_checkpoint(ckpt)["learner"]["steps"])
+        layout = transition_layout(self.cfg, obs)
+        logs = [TransitionLog(log_path(self.run_dir, i), layout).read()
+                for i in range(self.num_collectors)]
+        records = sum(len(log) for log in logs)
+        env_steps = sum(int(log["env_steps"][-1, 0]) for log in logs if len(log))
+        self.echo(f"resumed from training step {steps} with {records} transition records "
+                  f"({env_steps:,} env steps) from the replay logs")
+        return steps, env_steps
 
     def _supervise(self, spec: PipelineSpec, counters: SharedCounters) -> int:
         ctx = mp.get_context("spawn")
@@ -617,6 +664,7 @@ class PipelineTrainer:
                "learner_wait_fraction": round(min(waited, 1.0), 3),
                "recent_return": snap["recent_return"] if snap["games"] else None,
                "target_version": snap["target_version"],
+               "replay_positions": snap["replay_positions"],
                **{k: snap[k] for k in FLOAT_COUNTERS if k.startswith("loss")},
                "target_lag": snap["target_lag"]}
         append_jsonl(self.run_dir / "metrics.jsonl", row)

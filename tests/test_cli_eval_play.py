@@ -25,7 +25,7 @@ CLI = [sys.executable, "-c", "from ezengine.cli import main; main()"]
 
 RECORD_KEYS = {"env_id", "checkpoint", "model", "train_steps", "env_steps", "seed",
                "num_simulations", "max_episode_steps", "episodes", "mean_return",
-               "std_return", "returns", "lengths", "wall_s", "hns"}
+               "std_return", "returns", "lengths", "eval_s", "hns"}
 
 
 def ez(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,0 +1,160 @@
+"""The multiprocessing pipeline, run for real through the CLI in a subprocess: Ctrl-C, a
+killed child, a crashing child, and resume without losing collected transitions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ezengine.checkpoint import load_checkpoint
+from ezengine.config import load_config
+from ezengine.pipeline import Observation, TransitionLog, log_path, transition_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "search.num_simulations=4", "--set", "learner.batch_size=16",
+        "--set", "run.start_transitions=200", "--set", "run.eval_episodes=1",
+        "--set", "run.eval_interval=100000", "--set", "run.log_interval_s=0.5",
+        "--set", "run.checkpoint_interval=20", "--set", "model.lstm_hidden=16",
+        "--device", "cpu"]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", "from ezengine.cli import main; main()", "train", *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_training(run: Path, proc: subprocess.Popen, steps: int, timeout: float = 120.0
+                      ) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = metrics(run)
+        if rows and rows[-1]["train_steps"] >= steps:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"no training progress within {timeout}s:\n{proc.stdout.read()}")
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the pipeline's child processes of `pid`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and "spawn_main" in cmd:
+            out.append((int(entry.name), cmd))
+    return out
+
+
+def shm_entries(pid: int) -> list[str]:
+    return [p.name for p in Path("/dev/shm").glob(f"ez-{pid}-*")]
+
+
+def log_records(run: Path) -> np.ndarray:
+    cfg = load_config(run / "config.yaml")
+    obs = Observation((4,), np.dtype(np.float32).str, 2)
+    return TransitionLog(log_path(run, 0), transition_layout(cfg, obs)).read()
+
+
+def test_sigint_stops_everything_with_a_final_checkpoint_then_resume_keeps_the_replay(tmp_path):
+    run = tmp_path / "run"
+    proc = start(["configs/cartpole.yaml", "--run-dir", str(run), *TINY])
+    wait_for_training(run, proc, 30)
+    kids = [pid for pid, _ in children(proc.pid)]
+    assert len(kids) == 4  # learner, reanalyse, evaluator, collector-0
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    assert "SIGINT: stopping" in out
+    assert shm_entries(proc.pid) == []
+    assert all(not Path(f"/proc/{pid}").exists() for pid in kids), "orphan processes"
+    ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
+    steps_before = ckpt["learner"]["steps"]
+    assert steps_before >= metrics(run)[-1]["train_steps"] - 1  # the final checkpoint
+    records_before = log_records(run)
+    env_steps_before = int(records_before["env_steps"][-1, 0])
+    # Every published transition is in the log: 8 environment steps per record, in order.
+    np.testing.assert_array_equal(records_before["env_steps"][:, 0],
+                                  8 * np.arange(1, len(records_before) + 1))
+
+    proc = start(["--resume", str(run)])
+    out_rows = len(metrics(run))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rows = metrics(run)[out_rows:]
+        if (rows and rows[-1]["train_steps"] > steps_before + 10
+                and rows[-1]["env_steps"] > env_steps_before + 16):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    assert f"resumed from training step {steps_before}" in out
+    assert f"{len(records_before)} transition records" in out
+    resumed = metrics(run)[out_rows:]
+    # Counters continue: env steps never restart from 0 and training goes on from the checkpoint.
+    assert resumed[0]["env_steps"] >= env_steps_before
+    assert resumed[0]["train_steps"] >= steps_before
+    assert resumed[-1]["replay_positions"] >= env_steps_before
+    assert resumed[-1]["train_steps"] > steps_before
+    records_after = log_records(run)
+    assert len(records_after) > len(records_before)
+    np.testing.assert_array_equal(records_after[:len(records_before)], records_before)
+    assert shm_entries(proc.pid) == []
+
+
+def test_a_killed_child_stops_the_run_with_a_clear_error_and_no_leaks(tmp_path):
+    run = tmp_path / "run"
+    proc = start(["configs/cartpole.yaml", "--run-dir", str(run), *TINY])
+    wait_for_training(run, proc, 10)
+    kids = children(proc.pid)
+    names = {Path(f"/proc/{pid}/comm").read_text().strip(): pid for pid, _ in kids}
+    assert set(names) == {"ez-learner", "ez-reanalyse", "ez-evaluator", "ez-collector-0"}
+    collector = names["ez-collector-0"]
+    os.kill(collector, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 1, out
+    assert "died (killed by signal SIGKILL)" in out
+    assert shm_entries(proc.pid) == []
+    assert all(not Path(f"/proc/{pid}").exists() for pid, _ in kids), "orphan processes"
+    assert (run / "checkpoints" / "latest.pt").exists()
+
+
+def test_a_crashing_child_reports_its_traceback(tmp_path):
+    run = tmp_path / "run"
+    proc = start(["configs/cartpole.yaml", "--run-dir", str(run), "--env-steps", "400", *TINY])
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    # A corrupt checkpoint makes the learner raise while resuming.
+    (run / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
+    proc = start(["--resume", str(run)])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    assert "run failed in learner" in out
+    assert "Traceback" in out and "not a loadable ezengine checkpoint" in out
+    assert shm_entries(proc.pid) == []
