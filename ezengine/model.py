@@ -359,6 +359,22 @@ class EfficientZeroNet(nn.Module):
         return (torch.zeros(shape, device=device), torch.zeros(shape, device=device))
 
 
+def use_layer_norm(module: nn.Module) -> None:
+    """Replace every BatchNorm1d inside `module` by a LayerNorm of the same width.
+
+    BatchNorm's running statistics are a moving average over the unroll steps of training
+    batches (the last steps dominate), while the search evaluates one depth at a time: on
+    CartPole this made eval-mode value-prefix predictions about 4x too large and flattened
+    the values the search saw. LayerNorm has no running statistics, so train and eval
+    agree.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm1d):
+            setattr(module, name, nn.LayerNorm(child.num_features))
+        else:
+            use_layer_norm(child)
+
+
 def build_model(cfg: Any, observation_shape: tuple[int, ...], num_actions: int,
                 frame_stack: int) -> EfficientZeroNet:
     """Build the network described by a ``ModelConfig`` (``cfg.kind`` "conv" or "mlp").
@@ -400,8 +416,11 @@ def build_model(cfg: Any, observation_shape: tuple[int, ...], num_actions: int,
         flat = cfg.latent_dim
     else:
         raise ValueError(f"unknown model kind {cfg.kind!r}; expected 'conv' or 'mlp'")
-    return EfficientZeroNet(
+    net = EfficientZeroNet(
         representation, dynamics, prediction, latent_flat_dim=flat, num_actions=num_actions,
         support_size=s, lstm_hidden=cfg.lstm_hidden, projection_hidden=cfg.projection_hidden,
         projection_dim=cfg.projection_dim, projection_head_hidden=cfg.projection_head_hidden,
     )
+    if cfg.norm == "layer":
+        use_layer_norm(net)
+    return net

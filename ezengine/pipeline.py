@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import multiprocessing as mp
 import signal
 import sys
@@ -44,6 +43,7 @@ from ezengine.config import Config, config_from_dict, config_to_dict, save_confi
 from ezengine.envs import VectorEnv, make_env
 from ezengine.evaluate import evaluate
 from ezengine.learner import Learner
+from ezengine.metrics import MetricsWriter
 from ezengine.model import EfficientZeroNet, build_model
 from ezengine.reanalyse import Reanalyser, TrainingBatch
 from ezengine.replay import ReplayBuffer
@@ -64,7 +64,6 @@ from ezengine.rings import (
 )
 from ezengine.search import BatchedSearch
 from ezengine.trainer import (
-    append_jsonl,
     configure_torch,
     resolve_device,
     total_training_steps,
@@ -422,6 +421,7 @@ def run_evaluator(spec: PipelineSpec) -> None:
     flat = np.empty(weights.spec.size, dtype=np.float32)
     loaded = 0
     start = time.perf_counter()
+    metrics = MetricsWriter(Path(spec.run_dir))
     while not counters["stop"]:
         learner_done = counters["learner_done"]  # read before the version: no lost final eval
         if weights.version == loaded:
@@ -435,7 +435,7 @@ def run_evaluator(spec: PipelineSpec) -> None:
         result = evaluate(model, cfg, cfg.run.eval_episodes, seed=cfg.run.seed + 10_000)
         row = {"train_steps": steps, "env_steps": env_steps,
                "wall_s": round(time.perf_counter() - start, 1), **result.record()}
-        append_jsonl(Path(spec.run_dir) / "eval.jsonl", row)
+        metrics.evaluation(row)
         counters["eval_done"] = steps
 
 
@@ -529,6 +529,7 @@ class PipelineTrainer:
             resume_point = self._resume_point(obs)
         prefix = run_prefix("ez")
         blocks: list[Any] = []
+        self.metrics = MetricsWriter(self.run_dir)
         try:
             transitions = [Ring.create(prefix, SlotLayout(transition_layout(cfg, obs)), 64,
                                        name=f"transitions: collector-{i} -> reanalyse")
@@ -557,6 +558,7 @@ class PipelineTrainer:
             for block in blocks:
                 block.unlink()
             unlink_segments(prefix)
+            self.metrics.close()
 
     def _resume_point(self, obs: Observation) -> tuple[int, int]:
         """(training steps of the latest checkpoint, env steps in the replay logs); says
@@ -667,19 +669,9 @@ class PipelineTrainer:
                "replay_positions": snap["replay_positions"],
                **{k: snap[k] for k in FLOAT_COUNTERS if k.startswith("loss")},
                "target_lag": snap["target_lag"]}
-        append_jsonl(self.run_dir / "metrics.jsonl", row)
+        self.metrics.progress(row)
         ret = "-" if row["recent_return"] is None else f"{row['recent_return']:.1f}"
         self.echo(f"env {row['env_steps']:,}/{self.cfg.run.env_steps:,} | train "
                   f"{row['train_steps']:,}/{total_training_steps(self.cfg):,} | return {ret} | "
                   f"loss {row['loss']:.3f} | {env_rate:.0f} env/s {train_rate:.1f} train/s | "
                   f"learner waits {100 * row['learner_wait_fraction']:.0f}%")
-
-
-def last_eval(run_dir: Path) -> dict[str, Any] | None:
-    """The last row of a run's eval.jsonl, if any."""
-    path = Path(run_dir) / "eval.jsonl"
-    if not path.exists():
-        return None
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(lines[-1]) if lines else None
-

@@ -9,14 +9,13 @@ start_transitions); after the environment-step budget, `run.extra_training_steps
 training steps run without new data.
 
 The run directory holds ``config.yaml`` (the resolved config), ``checkpoints/latest.pt``,
-``metrics.jsonl`` (one row per log interval) and ``eval.jsonl`` (one row per evaluation).
+``metrics.jsonl`` (one row per log interval), ``eval.jsonl`` (one row per evaluation) and
+TensorBoard scalars in ``tb/``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from ezengine.config import Config, config_to_dict, save_config
 from ezengine.envs import VectorEnv
 from ezengine.evaluate import evaluate
 from ezengine.learner import Learner
+from ezengine.metrics import MetricsWriter
 from ezengine.model import build_model
 from ezengine.reanalyse import Reanalyser
 from ezengine.replay import ReplayBuffer
@@ -67,14 +67,6 @@ def total_training_steps(cfg: Config) -> int:
     """Training steps of a whole run: paced ones during collection plus the extra ones."""
     paced = cfg.run.replay_ratio * max(cfg.run.env_steps - cfg.run.start_transitions, 0)
     return int(paced) + cfg.run.extra_training_steps
-
-
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON row and flush it to disk (a crash loses at most the current row)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class SerialTrainer:
@@ -155,7 +147,7 @@ class SerialTrainer:
                           self.cfg.run.eval_episodes, seed=self.cfg.run.seed + 10_000)
         row = {"train_steps": self.learner.steps, "env_steps": self.collector.env_steps,
                "wall_s": round(time.perf_counter() - self.start_time, 1), **result.record()}
-        append_jsonl(self.run_dir / "eval.jsonl", row)
+        self.metrics.evaluation(row)
         self.evaluations.append(row)
         self.echo(f"eval @ {self.learner.steps} training steps / {self.collector.env_steps} "
                   f"env steps: mean return {result.mean:.1f} +- {result.std:.1f} over "
@@ -177,6 +169,7 @@ class SerialTrainer:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
+        self.metrics = MetricsWriter(self.run_dir)
         self.echo(f"run dir {self.run_dir} | device {self.device} | {cfg.env.id} | "
                   f"{cfg.run.env_steps:,} env steps, {self.total_train_steps:,} training steps")
         self.start_time = time.perf_counter()
@@ -206,6 +199,7 @@ class SerialTrainer:
             self.evaluations and self.evaluations[-1]["train_steps"] == self.learner.steps
         ) else self.evaluate()
         self.envs.close()
+        self.metrics.close()
         self.echo(f"done in {time.perf_counter() - self.start_time:.0f}s: "
                   f"final mean return {final['mean_return']:.1f}")
         return final
@@ -224,7 +218,7 @@ class SerialTrainer:
         if metrics:
             for key in metrics[0]:
                 row[key] = float(np.mean([m[key] for m in metrics]))
-        append_jsonl(self.run_dir / "metrics.jsonl", row)
+        self.metrics.progress(row)
         ret = "-" if row["recent_return"] is None else f"{row['recent_return']:.1f}"
         loss = f" | loss {row['loss']:.3f}" if "loss" in row else ""
         self.echo(f"env {self.collector.env_steps:,}/{self.cfg.run.env_steps:,} | "

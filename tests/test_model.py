@@ -25,6 +25,7 @@ def _cfg(**overrides: object) -> SimpleNamespace:
         "kind": "conv", "channels": 64, "reduced_channels": 16, "latent_dim": 64,
         "hidden_dim": 128, "lstm_hidden": 512, "head_hidden": [32], "support_size": 300,
         "projection_hidden": 1024, "projection_dim": 1024, "projection_head_hidden": 512,
+        "norm": "batch",
     }
     base.update(overrides)
     return SimpleNamespace(**base)
@@ -295,3 +296,26 @@ def test_real_model_config_has_the_fields_if_present() -> None:
     net = build_model(model_config(kind="mlp"), (4,), num_actions=2, frame_stack=1).eval()
     with torch.no_grad():
         assert net.initial_inference(torch.randn(2, 4)).value_logits.shape == (2, 601)
+
+
+def test_layer_norm_option_removes_every_batchnorm1d_and_train_eval_agree() -> None:
+    torch.manual_seed(0)
+    net = build_model(_cfg(kind="mlp", latent_dim=32, hidden_dim=64, lstm_hidden=64,
+                           support_size=10, projection_hidden=64, projection_dim=64,
+                           projection_head_hidden=32, norm="layer"), (4,), 2, 1)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules())
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in net.modules())
+    for m in net.modules():  # non-zero heads, so the comparison means something
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.3)
+    obs = torch.randn(6, 4)
+    outputs = []
+    for mode in (net.train, net.eval):
+        mode()
+        with torch.no_grad():
+            root = net.initial_inference(obs)
+            step = net.recurrent_inference(root.latent, net.initial_lstm_state(6),
+                                           torch.tensor([0, 1, 0, 1, 1, 0]))
+        outputs.append(step.value_prefix_logits)
+    # No batch statistics: the search (eval mode) sees what training (train mode) saw.
+    torch.testing.assert_close(outputs[0], outputs[1])
