@@ -46,3 +46,21 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def eta_text(env_left: int, env_rate: float, train_left: int, train_rate: float) -> str:
+    """'ETA 1h05m' for the rest of a run at the current rates ('ETA ?' while unknown).
+
+    Collection and training advance together (paced by the replay ratio), so the run ends
+    when the slower of the two finishes.
+    """
+    parts = []
+    if env_left > 0:
+        parts.append(env_left / env_rate if env_rate > 0 else float("inf"))
+    if train_left > 0:
+        parts.append(train_left / train_rate if train_rate > 0 else float("inf"))
+    seconds = max(parts, default=0.0)
+    if seconds == float("inf"):
+        return "ETA ?"
+    minutes = int(seconds // 60)
+    return f"ETA {minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"ETA {minutes}m"

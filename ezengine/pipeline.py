@@ -43,7 +43,7 @@ from ezengine.config import Config, config_from_dict, config_to_dict, save_confi
 from ezengine.envs import VectorEnv, make_env
 from ezengine.evaluate import evaluate
 from ezengine.learner import Learner
-from ezengine.metrics import MetricsWriter
+from ezengine.metrics import MetricsWriter, eta_text
 from ezengine.model import EfficientZeroNet, build_model
 from ezengine.reanalyse import Reanalyser, TrainingBatch
 from ezengine.replay import ReplayBuffer
@@ -546,6 +546,7 @@ class PipelineTrainer:
             weights = {name: SharedWeights.create(prefix, size, name=f"{name} weights")
                        for name in ("selfplay", "target", "eval")}
             blocks = [*transitions, batches, priorities, counters, *weights.values()]
+            self.rings = [*transitions, batches]
             if self.resume:
                 counters["train_steps"], counters["replay_env_steps"] = resume_point
             spec = PipelineSpec(config_to_dict(cfg), str(self.run_dir), obs,
@@ -660,10 +661,18 @@ class PipelineTrainer:
         env_rate = (snap["replay_env_steps"] - before["replay_env_steps"]) / max(seconds, 1e-9)
         train_rate = (snap["train_steps"] - before["train_steps"]) / max(seconds, 1e-9)
         waited = (snap["learner_wait_s"] - before["learner_wait_s"]) / max(seconds, 1e-9)
+        fills = {ring.spec.name.split(":")[0]: 0 for ring in self.rings}
+        slots = dict(fills)
+        for ring in self.rings:
+            key = ring.spec.name.split(":")[0]
+            fills[key] += ring.fill()
+            slots[key] += ring.spec.num_slots
+        snap_fill = " ".join(f"{k} {fills[k]}/{slots[k]}" for k in fills)
         row = {"wall_s": round(time.perf_counter() - start, 1),
                "env_steps": snap["replay_env_steps"], "train_steps": snap["train_steps"],
                "env_steps_per_s": round(env_rate, 2), "train_steps_per_s": round(train_rate, 2),
                "learner_wait_fraction": round(min(waited, 1.0), 3),
+               **{f"ring_fill_{k}": fills[k] / slots[k] for k in fills},
                "recent_return": snap["recent_return"] if snap["games"] else None,
                "target_version": snap["target_version"],
                "replay_positions": snap["replay_positions"],
@@ -674,4 +683,7 @@ class PipelineTrainer:
         self.echo(f"env {row['env_steps']:,}/{self.cfg.run.env_steps:,} | train "
                   f"{row['train_steps']:,}/{total_training_steps(self.cfg):,} | return {ret} | "
                   f"loss {row['loss']:.3f} | {env_rate:.0f} env/s {train_rate:.1f} train/s | "
-                  f"learner waits {100 * row['learner_wait_fraction']:.0f}%")
+                  f"learner waits {100 * row['learner_wait_fraction']:.0f}% | "
+                  f"rings {snap_fill} | " + eta_text(
+                      self.cfg.run.env_steps - row["env_steps"], env_rate,
+                      total_training_steps(self.cfg) - row["train_steps"], train_rate))

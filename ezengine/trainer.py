@@ -31,7 +31,7 @@ from ezengine.config import Config, config_to_dict, save_config
 from ezengine.envs import VectorEnv
 from ezengine.evaluate import evaluate
 from ezengine.learner import Learner
-from ezengine.metrics import MetricsWriter
+from ezengine.metrics import MetricsWriter, eta_text
 from ezengine.model import build_model
 from ezengine.reanalyse import Reanalyser
 from ezengine.replay import ReplayBuffer
@@ -175,25 +175,32 @@ class SerialTrainer:
         self.start_time = time.perf_counter()
         window_start, window_env, window_train = self.start_time, 0, 0
         window_metrics: list[dict[str, float]] = []
-        while True:
-            if self.training_due():
-                window_metrics.append(self.train_step())
-                steps = self.learner.steps
-                if steps % cfg.run.eval_interval == 0:
-                    self.evaluate()
-                if steps % cfg.run.checkpoint_interval == 0:
-                    self.checkpoint()
-            elif self.collector.env_steps < cfg.run.env_steps:
-                self.collect()
-            else:
-                break
-            now = time.perf_counter()
-            if now - window_start >= cfg.run.log_interval_s:
-                self._log_window(now - window_start, self.collector.env_steps - window_env,
-                                 self.learner.steps - window_train, window_metrics)
-                window_start, window_env, window_train = now, self.collector.env_steps, \
-                    self.learner.steps
-                window_metrics = []
+        try:
+            while True:
+                if self.training_due():
+                    window_metrics.append(self.train_step())
+                    steps = self.learner.steps
+                    if steps % cfg.run.eval_interval == 0:
+                        self.evaluate()
+                    if steps % cfg.run.checkpoint_interval == 0:
+                        self.checkpoint()
+                elif self.collector.env_steps < cfg.run.env_steps:
+                    self.collect()
+                else:
+                    break
+                now = time.perf_counter()
+                if now - window_start >= cfg.run.log_interval_s:
+                    self._log_window(now - window_start, self.collector.env_steps - window_env,
+                                     self.learner.steps - window_train, window_metrics)
+                    window_start, window_env, window_train = now, self.collector.env_steps, \
+                        self.learner.steps
+                    window_metrics = []
+        except KeyboardInterrupt:
+            self.checkpoint()
+            self.envs.close()
+            self.metrics.close()
+            self.echo(f"interrupted: checkpoint written at step {self.learner.steps}")
+            return self.evaluations[-1] if self.evaluations else {}
         self.checkpoint()
         final = self.evaluations[-1] if (
             self.evaluations and self.evaluations[-1]["train_steps"] == self.learner.steps
@@ -224,4 +231,6 @@ class SerialTrainer:
         self.echo(f"env {self.collector.env_steps:,}/{self.cfg.run.env_steps:,} | "
                   f"train {self.learner.steps:,}/{self.total_train_steps:,} | "
                   f"return {ret}{loss} | {row['env_steps_per_s']:.0f} env/s "
-                  f"{row['train_steps_per_s']:.1f} train/s")
+                  f"{row['train_steps_per_s']:.1f} train/s | " + eta_text(
+                      self.cfg.run.env_steps - self.collector.env_steps, row["env_steps_per_s"],
+                      self.total_train_steps - self.learner.steps, row["train_steps_per_s"]))
