@@ -128,9 +128,8 @@ class ModelConfig:
     projection_head_hidden: int = _f(512, "hidden width of the SimSiam prediction head",
                                      _POSITIVE)
     norm: str = _f("batch", "normalisation of the fully connected layers: 'batch' (the "
-                   "paper's BatchNorm1d) or 'layer' (LayerNorm in the searched networks: no "
-                   "train/eval mismatch; conv layers and the SimSiam projector keep BatchNorm)",
-                   _choices("batch", "layer"))
+                   "paper's BatchNorm1d) or 'layer' (LayerNorm: no train/eval mismatch; "
+                   "conv layers keep BatchNorm2d)", _choices("batch", "layer"))
 
 
 @dataclass

@@ -422,8 +422,5 @@ def build_model(cfg: Any, observation_shape: tuple[int, ...], num_actions: int,
         projection_dim=cfg.projection_dim, projection_head_hidden=cfg.projection_head_hidden,
     )
     if cfg.norm == "layer":
-        # Only the networks the search runs; the SimSiam projector and head only ever run
-        # in train mode, and need BatchNorm to keep the consistency loss from collapsing.
-        for part in (net.representation_net, net.dynamics_net, net.prediction_net):
-            use_layer_norm(part)
+        use_layer_norm(net)
     return net
