@@ -15,18 +15,16 @@ pull in torch and DI-engine, which the tree itself does not use.
 
     python benchmarks/bench_search_lightzero.py [--batches 8 64 256] [--repeats 7]
 """
-import argparse
 import importlib.metadata
 import importlib.util
-import json
 import pathlib
-import statistics
 import sys
-import time
 
 import numpy as np
 
-A, S = 18, 50
+# Run as a script, this file's folder is on sys.path: reuse bench_search's workload.
+from bench_search import A, S, make_workload, median_seconds, run_cli, sanity_figures
+
 C_BASE, C_INIT, DISCOUNT, DELTA_MAX, NOISE_WEIGHT, HORIZON = 19652, 1.25, 0.997, 0.01, 0.25, 5
 MODULE = "lzero.mcts.ctree.ctree_efficientzero.ez_tree"
 
@@ -54,18 +52,6 @@ def load_ez_tree():
 
 
 ez = load_ez_tree()
-
-
-def make_workload(B: int) -> dict:
-    """Seeded leaf outputs, drawn in the order the workload specifies (as bench_search.py)."""
-    rng = np.random.default_rng(20240601 + B)
-    return {
-        "root_logits": rng.standard_normal((B, A)).astype(np.float32),
-        "root_noise": rng.dirichlet([0.3] * A, size=B).astype(np.float32),
-        "leaf_value_prefix": rng.uniform(-1, 1, size=(S, B)).astype(np.float32),
-        "leaf_value": rng.uniform(-1, 1, size=(S, B)).astype(np.float32),
-        "leaf_logits": rng.standard_normal((S, B, A)).astype(np.float32),
-    }
 
 
 def as_lists(w: dict) -> dict:
@@ -99,48 +85,20 @@ def one_search(B: int, w: dict, lists: bool = False) -> tuple[list, list, list]:
     return counts, values, all_lens
 
 
-def time_search(B: int, w: dict, lists: bool, repeats: int, min_seconds: float) -> float:
-    """Median seconds per search over `repeats` runs of at least `min_seconds` each."""
-    per_search = []
-    for _ in range(repeats):
-        n, start = 0, time.perf_counter()
-        while True:
-            one_search(B, w, lists)
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                break
-        per_search.append(elapsed / n)
-    return statistics.median(per_search)
-
-
 def bench(B: int, repeats: int, min_seconds: float) -> dict:
     w = make_workload(B)
     counts, values, lens = (np.asarray(x) for x in one_search(B, w))
-    assert (counts.sum(axis=1) == S).all(), "every root's child visits must sum to S"
-    t = time_search(B, w, False, repeats, min_seconds)
-    t_pre = time_search(B, as_lists(w), True, repeats, min_seconds)
+    seconds = median_seconds(lambda: one_search(B, w), repeats, min_seconds)
+    listed = as_lists(w)
+    seconds_pre = median_seconds(lambda: one_search(B, listed, True), repeats, min_seconds)
     return {
         "batch": B, "actions": A, "simulations": S,
-        "us_per_root_sim": round(t / (B * S) * 1e6, 3),
-        "mean_leaf_depth": round(float(lens.mean()), 3),
-        "max_leaf_depth": int(lens.max()),
-        "mean_root_children_visited": round(float((counts > 0).sum(axis=1).mean()), 3),
-        "mean_root_value": round(float(values.mean()), 5),
+        "us_per_root_sim": round(seconds / (B * S) * 1e6, 3),
+        **sanity_figures(counts, values, lens),
         "engine": f"lightzero-{importlib.metadata.version('LightZero')}",
-        "us_per_root_sim_prelisted": round(t_pre / (B * S) * 1e6, 3),
+        "us_per_root_sim_prelisted": round(seconds_pre / (B * S) * 1e6, 3),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[8, 64, 256])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--min-seconds", type=float, default=0.5)
-    args = parser.parse_args()
-    for B in args.batches:
-        print(json.dumps(bench(B, args.repeats, args.min_seconds)), flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    run_cli(bench, __doc__)

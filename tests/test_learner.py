@@ -24,15 +24,6 @@ K = 3
 B = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread avoids stalls when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_cfg(**learner) -> Config:
     cfg = Config()
     cfg.env.kind = "gym"

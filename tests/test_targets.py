@@ -21,15 +21,6 @@ A = 3
 GAMMA = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread avoids stalls when the machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_cfg(**learner) -> Config:
     cfg = Config()
     cfg.env.kind = "gym"
