@@ -224,6 +224,10 @@ class RunConfig:
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'",
                      _choices("auto", "cpu", "cuda"))
     log_interval_s: float = _f(10.0, "seconds between progress log lines", _POSITIVE)
+    reanalyse_placement: str = _f(
+        "auto", "where the pipeline reanalyses: 'worker' (own process, CPU copy of the target "
+        "model), 'learner' (in the learner process, on the training device), or 'auto' "
+        "(learner on CUDA, worker otherwise)", _choices("auto", "worker", "learner"))
 
 
 @dataclass

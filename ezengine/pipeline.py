@@ -242,76 +242,114 @@ def run_collector(spec: PipelineSpec, index: int) -> None:
     ring.close()
 
 
+class ReplayWorker:
+    """The replay and its reanalyser, fed by the collectors' transition rings.
+
+    Runs in the reanalyse process (CPU target copy), or inside the learner process when
+    the learner trains on CUDA, so that reanalysis inference runs on the GPU model.
+    """
+
+    def __init__(self, spec: PipelineSpec, cfg: Config, counters: SharedCounters) -> None:
+        self.cfg = cfg
+        self.counters = counters
+        self.rings = [attach(Ring, s) for s in spec.transitions]
+        self.open_rings = set(range(len(self.rings)))
+        n, lc = cfg.env.num_envs, cfg.learner
+        self.n = n
+        self.replay = ReplayBuffer(
+            cfg.replay.capacity, spec.obs.shape, np.dtype(spec.obs.dtype),
+            spec.obs.num_actions, num_writers=spec.num_collectors * n, alpha=cfg.replay.alpha,
+            frame_stack=cfg.env.frame_stack, lookahead=lc.unroll_steps + lc.td_steps)
+        self.env_steps = [0] * spec.num_collectors
+        self.recent: deque[float] = deque(maxlen=20)
+        if spec.resume:
+            for i in range(spec.num_collectors):
+                self.env_steps[i] = rebuild_from_log(
+                    self.replay, log_path(spec.run_dir, i), transition_layout(cfg, spec.obs),
+                    i * n, self.recent)
+        self._publish_counts()
+        self.reanalyser = Reanalyser(cfg, self.replay, spec.obs.num_actions,
+                                     seed=cfg.run.seed + 1)
+        self.rng = np.random.default_rng(cfg.run.seed + 2)
+        self.total_train = total_training_steps(cfg)
+
+    @property
+    def total_env_steps(self) -> int:
+        return sum(self.env_steps)
+
+    def _publish_counts(self) -> None:
+        self.counters["replay_env_steps"] = self.total_env_steps
+        self.counters["replay_positions"] = min(self.replay.head, self.replay.capacity)
+
+    def ingest(self) -> bool:
+        """Store at most one waiting record from each collector; whether any came."""
+        busy = False
+        for i in list(self.open_rings):
+            try:
+                with self.rings[i].try_read() as rec:
+                    if rec is None:
+                        continue
+                    store_transition(self.replay, rec, writer_offset=i * self.n)
+                    self.env_steps[i] = int(rec["env_steps"][0])
+                    games = finished_games(rec)
+            except RingClosed:
+                self.open_rings.discard(i)
+                continue
+            busy = True
+            self._publish_counts()
+            if games:
+                self.recent.extend(games)
+                self.counters.add("games", len(games))
+                self.counters["recent_return"] = float(np.mean(self.recent))
+        return busy
+
+    def batches_allowed(self) -> float:
+        """Training batches the replay ratio allows at the current environment steps."""
+        run = self.cfg.run
+        total = self.total_env_steps
+        if total < run.start_transitions or self.replay.num_sampleable == 0:
+            return 0
+        if total >= run.env_steps:
+            return self.total_train
+        return min(run.replay_ratio * (total - run.start_transitions), self.total_train)
+
+    def build(self, target: EfficientZeroNet, target_version: int) -> TrainingBatch:
+        """Sample (beta annealed over training) and reanalyse one training batch."""
+        cfg = self.cfg
+        progress = min(self.counters["train_steps"] / max(self.total_train, 1), 1.0)
+        beta = cfg.replay.beta_start + (cfg.replay.beta_end - cfg.replay.beta_start) * progress
+        sample = self.replay.sample(cfg.learner.batch_size, beta, self.rng)
+        return self.reanalyser.build(target, sample, self.total_env_steps, target_version)
+
+
 def run_reanalyse(spec: PipelineSpec) -> None:
     """Own the replay: store transitions, apply priorities, build training batches."""
     cfg = spec.cfg()
     counters = attach(SharedCounters, spec.counters)
-    rings = [attach(Ring, s) for s in spec.transitions]
+    worker = ReplayWorker(spec, cfg, counters)
     batches = attach(Ring, spec.batches)
     priorities = attach(Ring, spec.priorities)
     target_weights = attach(SharedWeights, spec.target_weights)
-    n, lc, run = cfg.env.num_envs, cfg.learner, cfg.run
-    replay = ReplayBuffer(
-        cfg.replay.capacity, spec.obs.shape, np.dtype(spec.obs.dtype), spec.obs.num_actions,
-        num_writers=spec.num_collectors * n, alpha=cfg.replay.alpha,
-        frame_stack=cfg.env.frame_stack, lookahead=lc.unroll_steps + lc.td_steps)
-    env_steps = [0] * spec.num_collectors
-    recent: deque[float] = deque(maxlen=20)
-    if spec.resume:
-        for i in range(spec.num_collectors):
-            env_steps[i] = rebuild_from_log(replay, log_path(spec.run_dir, i),
-                                            transition_layout(cfg, spec.obs), i * n, recent)
-    counters["replay_env_steps"] = sum(env_steps)
-    counters["replay_positions"] = min(replay.head, replay.capacity)
-    reanalyser = Reanalyser(cfg, replay, spec.obs.num_actions, seed=cfg.run.seed + 1)
     target = cpu_model(cfg, spec.obs)
     flat = np.empty(target_weights.spec.size, dtype=np.float32)
     loaded = 0
-    rng = np.random.default_rng(cfg.run.seed + 2)
-    total_train = total_training_steps(cfg)
-    open_rings = set(range(len(rings)))
+    slots = batches.spec.num_slots
     while not counters["stop"] and not counters["learner_done"]:
-        busy = False
-        for i in list(open_rings):
-            try:
-                with rings[i].try_read() as rec:
-                    if rec is None:
-                        continue
-                    store_transition(replay, rec, writer_offset=i * n)
-                    env_steps[i] = int(rec["env_steps"][0])
-                    games = finished_games(rec)
-            except RingClosed:
-                open_rings.discard(i)
-                continue
-            busy = True
-            counters["replay_env_steps"] = sum(env_steps)
-            counters["replay_positions"] = min(replay.head, replay.capacity)
-            if games:
-                recent.extend(games)
-                counters.add("games", len(games))
-                counters["recent_return"] = float(np.mean(recent))
+        busy = worker.ingest()
         with priorities.try_read() as upd:
             if upd is not None:
-                replay.update_priorities(np.array(upd["positions"]), np.array(upd["priorities"]))
+                worker.replay.update_priorities(np.array(upd["positions"]),
+                                                np.array(upd["priorities"]))
                 busy = True
-        total = sum(env_steps)
         built = counters["batches"]
-        wanted = (total_train if total >= run.env_steps
-                  else run.replay_ratio * (total - run.start_transitions))
-        ready = (total >= run.start_transitions and replay.num_sampleable > 0
-                 and built < wanted + batches.spec.num_slots
-                 and batches.fill() < batches.spec.num_slots and built < total_train)
-        if ready:
+        if (built < min(worker.batches_allowed() + slots, worker.total_train)
+                and batches.fill() < slots):
             wait_for_version(target_weights, counters)
             loaded = refresh(target, target_weights, flat, loaded)
-            progress = min(counters["train_steps"] / max(total_train, 1), 1.0)
-            beta = cfg.replay.beta_start + (cfg.replay.beta_end - cfg.replay.beta_start) * progress
-            sample = replay.sample(lc.batch_size, beta, rng)
-            batch = reanalyser.build(target, sample, total, counters["target_version"])
+            batch = worker.build(target, counters["target_version"])
             with batches.write(timeout=60.0) as slot:
                 for f in fields(batch):
-                    value = getattr(batch, f.name)
-                    slot[f.name][...] = value
+                    slot[f.name][...] = getattr(batch, f.name)
             counters.add("batches")
             busy = True
         if not busy:
@@ -336,12 +374,80 @@ def rebuild_from_log(replay: ReplayBuffer, path: Path, layout: list, writer_offs
     return steps
 
 
+def reanalyse_in_learner(cfg: Config) -> bool:
+    """Whether reanalysis runs inside the learner process (see run.reanalyse_placement)."""
+    placement = cfg.run.reanalyse_placement
+    if placement == "auto":
+        return resolve_device(cfg.run.device).type == "cuda"
+    return placement == "learner"
+
+
+class RingBatches:
+    """Training batches from the reanalyse process; priorities go back the same way."""
+
+    def __init__(self, spec: PipelineSpec, counters: SharedCounters) -> None:
+        self.counters = counters
+        self.batches = attach(Ring, spec.batches)
+        self.priorities = attach(Ring, spec.priorities)
+        self.waited_s = 0.0
+
+    def next(self, timeout: float) -> TrainingBatch | None:
+        """The next batch, copied out of its slot (freed at once), or None after timeout."""
+        t0 = time.perf_counter()
+        try:
+            with self.batches.read(timeout=timeout) as slot:
+                return TrainingBatch(
+                    **{f.name: np.array(slot[f.name]) for f in fields(TrainingBatch)
+                       if f.name != "target_version"},
+                    target_version=int(slot["target_version"][0]))
+        except RingTimeout:
+            return None
+        finally:
+            self.waited_s += time.perf_counter() - t0
+
+    def send_priorities(self, positions: np.ndarray, priorities: np.ndarray) -> None:
+        while True:
+            try:
+                with self.priorities.write(timeout=1.0) as slot:
+                    slot["positions"][...] = positions
+                    slot["priorities"][...] = priorities
+                return
+            except RingTimeout:
+                if self.counters["stop"]:
+                    return
+
+
+class LocalBatches:
+    """Training batches reanalysed in this (the learner's) process with its target model on
+    the training device: the reanalysis inference, most of the compute, runs on the GPU."""
+
+    def __init__(self, spec: PipelineSpec, cfg: Config, counters: SharedCounters,
+                 learner: Learner) -> None:
+        self.worker = ReplayWorker(spec, cfg, counters)
+        self.learner = learner
+        self.waited_s = 0.0
+
+    def next(self, timeout: float) -> TrainingBatch | None:
+        """Reanalyse a batch as soon as the replay ratio allows one; None after timeout."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            while self.worker.ingest():
+                pass
+            if self.learner.steps < self.worker.batches_allowed():
+                return self.worker.build(self.learner.target, self.learner.target_version)
+            if time.perf_counter() >= deadline:
+                return None
+            time.sleep(POLL_S)
+            self.waited_s += POLL_S
+
+    def send_priorities(self, positions: np.ndarray, priorities: np.ndarray) -> None:
+        self.worker.replay.update_priorities(positions, priorities)
+
+
 def run_learner(spec: PipelineSpec) -> None:
     """Own the model: train on batches, send priorities, publish weights, checkpoint."""
     cfg = spec.cfg()
     counters = attach(SharedCounters, spec.counters)
-    batches = attach(Ring, spec.batches)
-    priorities = attach(Ring, spec.priorities)
     selfplay = attach(SharedWeights, spec.selfplay_weights)
     target_w = attach(SharedWeights, spec.target_weights)
     eval_w = attach(SharedWeights, spec.eval_weights)
@@ -351,6 +457,9 @@ def run_learner(spec: PipelineSpec) -> None:
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
     if spec.resume and ckpt_path.exists():
         learner.load_state_dict(load_checkpoint(ckpt_path, map_location=device)["learner"])
+    source: RingBatches | LocalBatches = (
+        LocalBatches(spec, cfg, counters, learner) if reanalyse_in_learner(cfg)
+        else RingBatches(spec, counters))
     published = {"selfplay": 0, "target": 0, "eval": 0}
 
     def publish(name: str, block: SharedWeights, module: torch.nn.Module) -> None:
@@ -369,32 +478,16 @@ def run_learner(spec: PipelineSpec) -> None:
     publish("target", target_w, learner.target)
     run = cfg.run
     total_train = total_training_steps(cfg)
-    wait = 0.0
     while learner.steps < total_train and not counters["stop"]:
-        t0 = time.perf_counter()
-        try:
-            with batches.read(timeout=0.5) as slot:
-                batch = TrainingBatch(**{f.name: np.array(slot[f.name]) for f in
-                                         fields(TrainingBatch) if f.name != "target_version"},
-                                      target_version=int(slot["target_version"][0]))
-        except RingTimeout:
-            wait += time.perf_counter() - t0
-            counters["learner_wait_s"] = wait
+        batch = source.next(timeout=0.5)
+        counters["learner_wait_s"] = source.waited_s
+        if batch is None:
             continue
-        wait += time.perf_counter() - t0
         target_before = learner.target_version
         metrics, prio = learner.train_step(batch)
-        try:
-            with priorities.write(timeout=10.0) as slot:
-                slot["positions"][...] = batch.positions
-                slot["priorities"][...] = prio
-        except RingTimeout:
-            if counters["stop"]:
-                break
-            raise
+        source.send_priorities(batch.positions, prio)
         steps = learner.steps
         counters["train_steps"] = steps
-        counters["learner_wait_s"] = wait
         for name in FLOAT_COUNTERS:
             if name in metrics:
                 counters[name] = metrics[name]
@@ -582,7 +675,9 @@ class PipelineTrainer:
         ctx = mp.get_context("spawn")
         errors = ctx.Queue()
         procs: dict[str, mp.process.BaseProcess] = {}
-        roles = [("learner", 0), ("reanalyse", 0), ("evaluator", 0)]
+        roles = [("learner", 0), ("evaluator", 0)]
+        if not reanalyse_in_learner(self.cfg):
+            roles.append(("reanalyse", 0))
         roles += [("collector", i) for i in range(self.num_collectors)]
         old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:

@@ -147,9 +147,13 @@ def test_a_killed_child_stops_the_run_with_a_clear_error_and_no_leaks(tmp_path):
 
 def test_a_crashing_child_reports_its_traceback(tmp_path):
     run = tmp_path / "run"
-    proc = start(["configs/cartpole.yaml", "--run-dir", str(run), "--env-steps", "400", *TINY])
+    # A whole short run, with reanalysis inside the learner (the CUDA placement).
+    proc = start(["configs/cartpole.yaml", "--run-dir", str(run), "--env-steps", "400", *TINY,
+                  "--set", "run.reanalyse_placement=learner"])
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
+    assert "processes: learner, evaluator, collector-0 |" in out
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] == 50
     # A corrupt checkpoint makes the learner raise while resuming.
     (run / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
     proc = start(["--resume", str(run)])
