@@ -341,8 +341,9 @@ def run_reanalyse(spec: PipelineSpec) -> None:
                 worker.replay.update_priorities(np.array(upd["positions"]),
                                                 np.array(upd["priorities"]))
                 busy = True
-        built = counters["batches"]
-        if (built < min(worker.batches_allowed() + slots, worker.total_train)
+        built, allowed = counters["batches"], worker.batches_allowed()
+        # Build ahead of the learner by at most the ring's slots, never before data exists.
+        if (allowed > 0 and built < min(allowed + slots, worker.total_train)
                 and batches.fill() < slots):
             wait_for_version(target_weights, counters)
             loaded = refresh(target, target_weights, flat, loaded)
