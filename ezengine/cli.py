@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,12 @@ def main() -> None:
     """ezengine trains EfficientZero agents (MuZero Reanalyse with a self-supervised
     consistency loss, value prefix and off-policy correction) on Atari and gymnasium
     environments, and plays and evaluates them."""
+
+
+def _echo_flush(message: str) -> None:
+    """Print a progress line at once, also when stdout is a file or a pipe."""
+    click.echo(message)
+    sys.stdout.flush()
 
 
 def _default_run_dir(config_path: Path) -> Path:
@@ -86,11 +93,11 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
     if serial:
         from ezengine.trainer import SerialTrainer  # torch import deferred: fast --help
 
-        SerialTrainer(cfg, run_dir, echo=click.echo).run()
+        SerialTrainer(cfg, run_dir, echo=_echo_flush).run()
         return
     from ezengine.pipeline import PipelineTrainer
 
-    code = PipelineTrainer(cfg, run_dir, echo=click.echo, resume=resume_dir is not None,
+    code = PipelineTrainer(cfg, run_dir, echo=_echo_flush, resume=resume_dir is not None,
                            num_collectors=collectors).run()
     if code != 0:
         raise SystemExit(code)
@@ -241,9 +248,9 @@ def play(target: Path | None, runs_root: Path, which: str, render: bool, video: 
         video = run_dir / "videos" / f"play-{agent.label}-seed{seed}.mp4"
         click.echo("no display available: recording a video instead")
     if video is not None:
-        sinks.append(VideoWriter(video, fps, echo=click.echo))
+        sinks.append(VideoWriter(video, fps, echo=_echo_flush))
     results = play_games(agent, episodes=episodes, seed=seed, max_steps=max_steps,
-                         sinks=tuple(sinks), echo=click.echo)
+                         sinks=tuple(sinks), echo=_echo_flush)
     for sink in sinks:
         path = sink.close()
         if path is not None:

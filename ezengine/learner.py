@@ -185,7 +185,9 @@ class Learner:
         """Everything needed to resume learning (tensors and plain values only)."""
         return {"model": self.model.state_dict(), "target": self.target.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "steps": self.steps, "target_version": self.target_version}
+                "steps": self.steps, "target_version": self.target_version,
+                # Augmentation draws from torch's generator: resume it where it was.
+                "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
@@ -195,3 +197,4 @@ class Learner:
         self.scaler.load_state_dict(state["scaler"])
         self.steps = int(state["steps"])
         self.target_version = int(state["target_version"])
+        torch.set_rng_state(state["torch_rng"].cpu())
