@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,22 @@ def eta_text(env_left: int, env_rate: float, train_left: int, train_rate: float)
         return "ETA ?"
     minutes = int(seconds // 60)
     return f"ETA {minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"ETA {minutes}m"
+
+
+class Eta:
+    """Time left at the average rates since training began: steadier than one log window,
+    and meaningful when a single training step takes longer than the window."""
+
+    def __init__(self) -> None:
+        self.base: tuple[float, int, int] | None = None
+
+    def text(self, env_done: int, env_total: int, train_done: int, train_total: int) -> str:
+        now = time.perf_counter()
+        if self.base is None:
+            if train_done > 0:
+                self.base = (now, env_done, train_done)
+            return "ETA ?"
+        t0, env0, train0 = self.base
+        seconds = max(now - t0, 1e-9)
+        return eta_text(env_total - env_done, (env_done - env0) / seconds,
+                        train_total - train_done, (train_done - train0) / seconds)

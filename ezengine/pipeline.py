@@ -43,7 +43,7 @@ from ezengine.config import Config, config_from_dict, config_to_dict, save_confi
 from ezengine.envs import VectorEnv, make_env
 from ezengine.evaluate import evaluate
 from ezengine.learner import Learner
-from ezengine.metrics import MetricsWriter, eta_text
+from ezengine.metrics import Eta, MetricsWriter
 from ezengine.model import EfficientZeroNet, build_model
 from ezengine.reanalyse import Reanalyser, TrainingBatch
 from ezengine.replay import ReplayBuffer
@@ -593,6 +593,7 @@ class PipelineTrainer:
         self.resume = resume
         self.num_collectors = num_collectors
         self.stop_reason: str | None = None
+        self.eta = Eta()
         self.failure: tuple[str, str] | None = None
 
     def _observation(self) -> Observation:
@@ -780,6 +781,6 @@ class PipelineTrainer:
                   f"{row['train_steps']:,}/{total_training_steps(self.cfg):,} | return {ret} | "
                   f"loss {row['loss']:.3f} | {env_rate:.0f} env/s {train_rate:.1f} train/s | "
                   f"learner waits {100 * row['learner_wait_fraction']:.0f}% | "
-                  f"rings {snap_fill} | " + eta_text(
-                      self.cfg.run.env_steps - row["env_steps"], env_rate,
-                      total_training_steps(self.cfg) - row["train_steps"], train_rate))
+                  f"rings {snap_fill} | " + self.eta.text(
+                      row["env_steps"], self.cfg.run.env_steps, row["train_steps"],
+                      total_training_steps(self.cfg)))

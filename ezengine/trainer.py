@@ -31,7 +31,7 @@ from ezengine.config import Config, config_to_dict, save_config
 from ezengine.envs import VectorEnv
 from ezengine.evaluate import evaluate
 from ezengine.learner import Learner
-from ezengine.metrics import MetricsWriter, eta_text
+from ezengine.metrics import Eta, MetricsWriter
 from ezengine.model import build_model
 from ezengine.reanalyse import Reanalyser
 from ezengine.replay import ReplayBuffer
@@ -106,6 +106,7 @@ class SerialTrainer:
         self.total_train_steps = total_training_steps(cfg)
         self.recent_returns: deque[float] = deque(maxlen=20)
         self.evaluations: list[dict[str, Any]] = []
+        self.eta = Eta()
 
     # ------------------------------------------------------------------ pieces
 
@@ -231,6 +232,6 @@ class SerialTrainer:
         self.echo(f"env {self.collector.env_steps:,}/{self.cfg.run.env_steps:,} | "
                   f"train {self.learner.steps:,}/{self.total_train_steps:,} | "
                   f"return {ret}{loss} | {row['env_steps_per_s']:.0f} env/s "
-                  f"{row['train_steps_per_s']:.1f} train/s | " + eta_text(
-                      self.cfg.run.env_steps - self.collector.env_steps, row["env_steps_per_s"],
-                      self.total_train_steps - self.learner.steps, row["train_steps_per_s"]))
+                  f"{row['train_steps_per_s']:.1f} train/s | " + self.eta.text(
+                      self.collector.env_steps, self.cfg.run.env_steps, self.learner.steps,
+                      self.total_train_steps))
