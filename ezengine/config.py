@@ -215,7 +215,7 @@ class RunConfig:
         metadata=_meta("self-play visit-count temperatures, one per training phase", _POSITIVE))
     temperature_milestones: list[float] = field(
         default_factory=lambda: [0.5, 0.75],
-        metadata=_meta("fractions of training progress where the temperature steps down "
+        metadata=_meta("fractions of the env-step budget where the temperature steps down "
                        "(ascending)", _UNIT))
     eval_interval: int = _f(10_000, "training steps between evaluations", _POSITIVE)
     eval_episodes: int = _f(32, "episodes per evaluation", _POSITIVE)

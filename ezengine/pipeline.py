@@ -162,13 +162,22 @@ class TransitionLog:
             f.write(b"".join(np.ascontiguousarray(record[name]).tobytes()
                              for name in self.dtype.names))
 
+    def count(self) -> int:
+        """Number of complete records."""
+        return self.path.stat().st_size // self.dtype.itemsize if self.path.exists() else 0
+
     def read(self) -> np.ndarray:
-        """All complete records, as a structured array."""
-        if not self.path.exists():
+        """All complete records, as a read-only structured array mapped from the file (an
+        Atari run's log is gigabytes: it is paged in as it is read, never copied whole)."""
+        n = self.count()
+        if n == 0:
             return np.zeros(0, dtype=self.dtype)
-        raw = self.path.read_bytes()
-        whole = len(raw) // self.dtype.itemsize
-        return np.frombuffer(raw[:whole * self.dtype.itemsize], dtype=self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(n,))
+
+    def last_env_steps(self) -> int:
+        """The collector's environment steps at its last complete record (0 if none)."""
+        n = self.count()
+        return int(self.read()[n - 1]["env_steps"][0]) if n else 0
 
 
 def log_path(run_dir: str | Path, index: int) -> Path:
@@ -205,9 +214,7 @@ def run_collector(spec: PipelineSpec, index: int) -> None:
     ring = attach(Ring, spec.transitions[index])
     weights = attach(SharedWeights, spec.selfplay_weights)
     log = TransitionLog(log_path(spec.run_dir, index), transition_layout(cfg, spec.obs))
-    done_before = log.read()
-    start_steps = int(done_before["env_steps"][-1, 0]) if len(done_before) else 0
-    del done_before
+    start_steps = log.last_env_steps()
     n = cfg.env.num_envs
     # A fresh seed stream after a resume, so resumed episodes do not repeat old ones.
     seed = cfg.run.seed + 1000 * (index + 1) + start_steps
@@ -665,10 +672,10 @@ class PipelineTrainer:
             with contextlib.suppress(Exception):  # a broken one is the learner's to report
                 steps = int(load_checkpoint(ckpt)["learner"]["steps"])
         layout = transition_layout(self.cfg, obs)
-        logs = [TransitionLog(log_path(self.run_dir, i), layout).read()
+        logs = [TransitionLog(log_path(self.run_dir, i), layout)
                 for i in range(self.num_collectors)]
-        records = sum(len(log) for log in logs)
-        env_steps = sum(int(log["env_steps"][-1, 0]) for log in logs if len(log))
+        records = sum(log.count() for log in logs)
+        env_steps = sum(log.last_env_steps() for log in logs)
         self.echo(f"resumed from training step {steps} with {records} transition records "
                   f"({env_steps:,} env steps) from the replay logs")
         return steps, env_steps
