@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,7 +22,6 @@ class EvalResult:
     returns: list[float]
     lengths: list[int]
     wall_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -36,7 +35,7 @@ class EvalResult:
         """A JSON-ready summary."""
         return {"episodes": len(self.returns), "mean_return": self.mean,
                 "std_return": self.std, "returns": self.returns, "lengths": self.lengths,
-                "eval_s": round(self.wall_s, 2), **self.extra}
+                "eval_s": round(self.wall_s, 2)}
 
 
 @torch.no_grad()
