@@ -17,6 +17,19 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def drop_torn_rows(run_dir: Path) -> None:
+    """Cut a last row left unfinished by a killed process off ``metrics.jsonl`` and
+    ``eval.jsonl``, so that a resumed run appends whole lines (call before writing)."""
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        path = Path(run_dir) / name
+        if not path.is_file() or path.stat().st_size == 0:
+            continue
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsWriter:
     """Writes progress rows to ``metrics.jsonl`` and evaluation rows to ``eval.jsonl`` in a
     run directory, and every numeric value as a TensorBoard scalar under ``tb/``

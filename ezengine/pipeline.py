@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import multiprocessing as mp
+import os
 import signal
 import sys
 import time
@@ -43,7 +44,7 @@ from ezengine.config import Config, config_from_dict, config_to_dict, save_confi
 from ezengine.envs import VectorEnv, make_env
 from ezengine.evaluate import evaluate
 from ezengine.learner import Learner
-from ezengine.metrics import Eta, MetricsWriter
+from ezengine.metrics import Eta, MetricsWriter, drop_torn_rows
 from ezengine.model import EfficientZeroNet, build_model
 from ezengine.reanalyse import Reanalyser, TrainingBatch
 from ezengine.replay import ReplayBuffer
@@ -60,6 +61,7 @@ from ezengine.rings import (
     load_flat,
     run_prefix,
     state_size,
+    unlink_orphaned_segments,
     unlink_segments,
 )
 from ezengine.search import BatchedSearch
@@ -112,6 +114,8 @@ class PipelineSpec:
     selfplay_weights: WeightsSpec
     target_weights: WeightsSpec
     eval_weights: WeightsSpec
+    prefix: str  # every segment's name starts with it
+    supervisor_pid: int
 
     def cfg(self) -> Config:
         return config_from_dict(self.config, source=f"{self.run_dir}/config.yaml")
@@ -162,6 +166,17 @@ class TransitionLog:
             f.write(b"".join(np.ascontiguousarray(record[name]).tobytes()
                              for name in self.dtype.names))
 
+    def drop_partial_record(self) -> int:
+        """Cut a record left half-written by a killed collector off the end of the file, so
+        that appending goes on at a record boundary; returns the bytes removed."""
+        if not self.path.exists():
+            return 0
+        size = self.path.stat().st_size
+        extra = size % self.dtype.itemsize
+        if extra:
+            os.truncate(self.path, size - extra)
+        return extra
+
     def count(self) -> int:
         """Number of complete records."""
         return self.path.stat().st_size // self.dtype.itemsize if self.path.exists() else 0
@@ -196,6 +211,19 @@ def refresh(model: EfficientZeroNet, weights: SharedWeights, flat: np.ndarray,
         loaded = weights.read_into(flat)
         load_flat(model, flat)
     return loaded
+
+
+def write_unless_stopped(ring: Ring, counters: SharedCounters, fill: Any) -> bool:
+    """Write one slot with `fill(slot)`, waiting while the ring is full; gives up (returns
+    False) once the run is stopping, so a producer never hangs on a consumer that quit."""
+    while True:
+        try:
+            with ring.write(timeout=1.0) as slot:
+                fill(slot)
+            return True
+        except RingTimeout:
+            if counters["stop"]:
+                return False
 
 
 def wait_for_version(weights: SharedWeights, counters: SharedCounters) -> None:
@@ -355,9 +383,12 @@ def run_reanalyse(spec: PipelineSpec) -> None:
             wait_for_version(target_weights, counters)
             loaded = refresh(target, target_weights, flat, loaded)
             batch = worker.build(target, counters["target_version"])
-            with batches.write(timeout=60.0) as slot:
+
+            def fill(slot: Any, batch: TrainingBatch = batch) -> None:
                 for f in fields(batch):
                     slot[f.name][...] = getattr(batch, f.name)
+            if not write_unless_stopped(batches, counters, fill):
+                return
             counters.add("batches")
             busy = True
         if not busy:
@@ -414,15 +445,10 @@ class RingBatches:
             self.waited_s += time.perf_counter() - t0
 
     def send_priorities(self, positions: np.ndarray, priorities: np.ndarray) -> None:
-        while True:
-            try:
-                with self.priorities.write(timeout=1.0) as slot:
-                    slot["positions"][...] = positions
-                    slot["priorities"][...] = priorities
-                return
-            except RingTimeout:
-                if self.counters["stop"]:
-                    return
+        def fill(slot: Any) -> None:
+            slot["positions"][...] = positions
+            slot["priorities"][...] = priorities
+        write_unless_stopped(self.priorities, self.counters, fill)
 
 
 class LocalBatches:
@@ -550,10 +576,45 @@ def set_process_name(name: str) -> None:
         libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
 
 
+def _stop_run(signum: int, _frame: Any) -> None:
+    """SIGTERM in a child (sent by a user, or by the kernel when the supervisor died): stop
+    the whole run the orderly way, through the shared stop flag (the learner writes its
+    final checkpoint); before the counters are attached there is nothing to save."""
+    counters = [b for b in _ATTACHED if isinstance(b, SharedCounters)]
+    if counters:
+        counters[0]["stop"] = 1
+    if not counters or _INTERRUPTIBLE:
+        raise Stopped(signal.Signals(signum).name)
+
+
+class Stopped(Exception):
+    """This child was told to stop at a point where it has nothing to save."""
+
+
+# Whether SIGTERM may end this child at once (the evaluator: an evaluation in progress is
+# worth nothing to a stopped run) instead of at its next check of the stop flag.
+_INTERRUPTIBLE = False
+
+
+def follow_supervisor(supervisor_pid: int) -> None:
+    """Have the kernel send this child SIGTERM when the supervisor dies (Linux's
+    PR_SET_PDEATHSIG), so a killed ``ezengine train`` leaves no orphans."""
+    signal.signal(signal.SIGTERM, _stop_run)
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != supervisor_pid:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def child_main(role: str, index: int, spec: PipelineSpec, errors: Any) -> None:
-    """Entry point of every child: quiet Ctrl-C (the supervisor handles it), one torch
-    thread, flushed denormals; a crash sends its traceback to the supervisor."""
+    """Entry point of every child: quiet Ctrl-C (the supervisor handles it), stop with the
+    supervisor, one torch thread, flushed denormals; a crash sends its traceback to the
+    supervisor. The last act of a child that outlived the supervisor is to unlink the run's
+    shared memory (the supervisor would have)."""
+    global _INTERRUPTIBLE
+    _INTERRUPTIBLE = role == "evaluator"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    follow_supervisor(spec.supervisor_pid)
     name = f"{role}-{index}" if role == "collector" else role
     set_process_name(f"ez-{name}")
     configure_torch(threads=1)
@@ -562,12 +623,16 @@ def child_main(role: str, index: int, spec: PipelineSpec, errors: Any) -> None:
             run_collector(spec, index)
         else:
             ROLES[role](spec)
+    except Stopped:
+        pass
     except BaseException:
         errors.put((name, traceback.format_exc()))
         sys.exit(1)
     finally:
         for block in _ATTACHED:
             block.detach()
+        if os.getppid() != spec.supervisor_pid:
+            unlink_segments(spec.prefix)
 
 
 # ---------------------------------------------------------------------- supervisor
@@ -629,6 +694,11 @@ class PipelineTrainer:
             logs = len(list((self.run_dir / "replay").glob("collector-*.bin")))
             self.num_collectors = max(self.num_collectors, logs)
             resume_point = self._resume_point(obs)
+            drop_torn_rows(self.run_dir)
+        leftovers = unlink_orphaned_segments("ez")
+        if leftovers:
+            self.echo(f"removed {len(leftovers)} shared-memory segments left in /dev/shm by "
+                      "runs that were killed whole")
         prefix = run_prefix("ez")
         blocks: list[Any] = []
         self.metrics = MetricsWriter(self.run_dir)
@@ -655,7 +725,8 @@ class PipelineTrainer:
                                 self.num_collectors, self.resume,
                                 [r.spec for r in transitions], batches.spec, priorities.spec,
                                 counters.spec, weights["selfplay"].spec,
-                                weights["target"].spec, weights["eval"].spec)
+                                weights["target"].spec, weights["eval"].spec, prefix,
+                                os.getpid())
             return self._supervise(spec, counters)
         finally:
             for block in blocks:
@@ -674,6 +745,11 @@ class PipelineTrainer:
         layout = transition_layout(self.cfg, obs)
         logs = [TransitionLog(log_path(self.run_dir, i), layout)
                 for i in range(self.num_collectors)]
+        for log in logs:
+            dropped = log.drop_partial_record()
+            if dropped:
+                self.echo(f"{log.path}: removed a half-written last record ({dropped} bytes; "
+                          "its collector was killed while writing it, before publishing it)")
         records = sum(log.count() for log in logs)
         env_steps = sum(log.last_env_steps() for log in logs)
         self.echo(f"resumed from training step {steps} with {records} transition records "
@@ -733,6 +809,10 @@ class PipelineTrainer:
         while True:
             time.sleep(0.1)
             self._drain_errors(errors)
+            if counters["stop"] and self.stop_reason is None and self.failure is None:
+                self.stop_reason = "SIGTERM to a child"
+                self.echo("a child process received SIGTERM: stopping the run (final "
+                          "checkpoint, then exit)")
             if self.failure is not None or self.stop_reason is not None:
                 counters["stop"] = 1
                 # Give the learner time to write its final checkpoint.

@@ -64,6 +64,7 @@ __all__ = [
     "load_flat",
     "run_prefix",
     "state_size",
+    "unlink_orphaned_segments",
     "unlink_segments",
 ]
 
@@ -179,6 +180,34 @@ def unlink_segments(prefix: str) -> list[str]:
             except FileNotFoundError:
                 pass
     return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def unlink_orphaned_segments(tag: str = "ez") -> list[str]:
+    """Remove ``/dev/shm/<tag>-<pid>-*`` segments whose creating process (``pid``) no
+    longer exists; return the names removed.
+
+    Such leftovers only appear when a whole run was killed at once (``kill -9`` of the
+    process group, the OOM killer), so that no process of it could clean up.
+    """
+    _check_prefix(f"{tag}-")
+    try:
+        entries = os.listdir(_SHM_DIR)
+    except FileNotFoundError:
+        return []
+    pattern = re.compile(rf"{re.escape(tag)}-(\d+)-")
+    dead = {int(m.group(1)) for m in map(pattern.match, entries)
+            if m and not _process_exists(int(m.group(1)))}
+    return [name for pid in sorted(dead) for name in unlink_segments(f"{tag}-{pid}-")]
 
 
 class _SharedBlock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from ezengine.checkpoint import load_checkpoint
 from ezengine.config import load_config
+from ezengine.metrics import drop_torn_rows
 from ezengine.pipeline import Observation, TransitionLog, log_path, transition_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +42,13 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def wait_for_training(run: Path, proc: subprocess.Popen, steps: int, timeout: float = 120.0
-                      ) -> None:
+def wait_for_training(run: Path, proc: subprocess.Popen, steps: int, timeout: float = 120.0,
+                      env_steps: int = 0) -> None:
+    """Wait for a progress row with at least `steps` training and `env_steps` env steps."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rows = metrics(run)
-        if rows and rows[-1]["train_steps"] >= steps:
+        if rows and rows[-1]["train_steps"] >= steps and rows[-1]["env_steps"] >= env_steps:
             return
         if proc.poll() is not None:
             pytest.fail(f"run ended early:\n{proc.stdout.read()}")
@@ -128,21 +131,94 @@ def test_sigint_stops_everything_with_a_final_checkpoint_then_resume_keeps_the_r
     assert shm_entries(proc.pid) == []
 
 
-def test_a_killed_child_stops_the_run_with_a_clear_error_and_no_leaks(tmp_path):
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for a reaper that may never come does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (the children and the resource tracker)."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+                    found.append(int(entry.name))
+                    frontier.append(int(entry.name))
+    return found
+
+
+def test_a_half_written_record_is_cut_off_so_appending_stays_aligned(tmp_path):
+    layout = [("x", (3,), np.dtype(np.float32)), ("env_steps", (1,), np.dtype(np.int64))]
+    log = TransitionLog(tmp_path / "collector-0.bin", layout)
+    for i in range(3):
+        log.append({"x": np.full(3, i, np.float32), "env_steps": np.array([8 * (i + 1)])})
+    with open(log.path, "ab") as f:  # a collector killed in the middle of a write
+        f.write(b"\x01" * 7)
+    assert log.count() == 3
+    assert log.drop_partial_record() == 7
+    assert log.drop_partial_record() == 0
+    log.append({"x": np.full(3, 3, np.float32), "env_steps": np.array([32])})
+    records = log.read()
+    np.testing.assert_array_equal(records["x"][:, 0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(records["env_steps"][:, 0], [8, 16, 24, 32])
+
+
+@pytest.mark.parametrize("victim", ["supervisor", "ez-learner", "ez-reanalyse",
+                                    "ez-collector-0"])
+def test_killing_any_process_then_resuming_loses_no_transition(tmp_path, victim):
     run = tmp_path / "run"
+    rng = random.Random(victim)  # a different, reproducible moment for each victim
     proc = start(["configs/cartpole.yaml", "--run-dir", str(run), *TINY])
-    wait_for_training(run, proc, 10)
-    kids = children(proc.pid)
-    names = {Path(f"/proc/{pid}/comm").read_text().strip(): pid for pid, _ in kids}
+    wait_for_training(run, proc, rng.randint(5, 40))
+    time.sleep(rng.uniform(0.0, 0.5))
+    kids = descendants(proc.pid)
+    names = {Path(f"/proc/{pid}/comm").read_text().strip(): pid for pid, _ in
+             children(proc.pid)}
     assert set(names) == {"ez-learner", "ez-reanalyse", "ez-evaluator", "ez-collector-0"}
-    collector = names["ez-collector-0"]
-    os.kill(collector, signal.SIGKILL)
+    if victim == "supervisor":
+        proc.kill()
+        proc.wait(timeout=10)
+    else:
+        os.kill(names[victim], signal.SIGKILL)
+        proc.wait(timeout=90)
+    # Without a supervisor the children stop the orderly way and remove the run's shared
+    # memory; the resource tracker exits when the last of them has.
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in kids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    if victim != "supervisor":
+        assert proc.returncode == 1, out
+        assert f"{victim[3:]} died (killed by signal SIGKILL)" in out
+    assert [pid for pid in kids if alive(pid)] == [], f"orphan processes:\n{out}"
+    assert shm_entries(proc.pid) == [], out
+    records_before = log_records(run)
+    assert len(records_before) > 0
+
+    proc = start(["--resume", str(run)])
+    steps_before = load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"]
+    wait_for_training(run, proc, steps_before + 10,
+                      env_steps=int(records_before["env_steps"][-1, 0]) + 16)
+    proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=90)
-    assert proc.returncode == 1, out
-    assert "died (killed by signal SIGKILL)" in out
+    assert proc.returncode == 0, out
+    assert f"with {len(records_before)} transition records" in out
+    records_after = log_records(run)
+    assert len(records_after) > len(records_before)
+    np.testing.assert_array_equal(records_after[:len(records_before)], records_before)
+    np.testing.assert_array_equal(records_after["env_steps"][:, 0],
+                                  8 * np.arange(1, len(records_after) + 1))
     assert shm_entries(proc.pid) == []
-    assert all(not Path(f"/proc/{pid}").exists() for pid, _ in kids), "orphan processes"
-    assert (run / "checkpoints" / "latest.pt").exists()
 
 
 def test_a_crashing_child_reports_its_traceback(tmp_path):
@@ -162,3 +238,11 @@ def test_a_crashing_child_reports_its_traceback(tmp_path):
     assert "run failed in learner" in out
     assert "Traceback" in out and "not a loadable ezengine checkpoint" in out
     assert shm_entries(proc.pid) == []
+
+
+def test_a_torn_last_metrics_row_is_cut_before_resuming(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"env_steps": 8}\n{"env_steps": 1')
+    (tmp_path / "eval.jsonl").write_text('{"mean_return": 20.0}\n')
+    drop_torn_rows(tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"env_steps": 8}\n'
+    assert (tmp_path / "eval.jsonl").read_text() == '{"mean_return": 20.0}\n'

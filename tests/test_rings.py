@@ -30,6 +30,7 @@ from ezengine.rings import (
     WeightsSpec,
     flatten_state,
     load_flat,
+    unlink_orphaned_segments,
     unlink_segments,
 )
 
@@ -296,6 +297,25 @@ def test_unlink_is_idempotent_and_cleans_leftovers(prefix: str) -> None:
     counters.unlink()
     with pytest.raises(ValueError):
         unlink_segments("")
+
+
+def test_orphaned_segments_of_dead_creators_are_removed_and_live_ones_kept(
+        prefix: str) -> None:
+    tag = f"ezo{uuid.uuid4().hex[:6]}"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)  # exited: nothing of it is alive
+    leftover = SHM / f"{tag}-{dead_pid}-batches-abc123"
+    live = SHM / f"{tag}-{os.getpid()}-batches-def456"
+    leftover.write_bytes(b"x" * 64)
+    live.write_bytes(b"x" * 64)
+    try:
+        assert unlink_orphaned_segments(tag) == [leftover.name]
+        assert not leftover.exists()
+        assert live.exists()
+    finally:
+        leftover.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)
 
 
 def entries_before(*blocks) -> list[str]:
