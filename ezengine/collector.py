@@ -13,6 +13,7 @@ exactly as the replay pads when it rebuilds stacks.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ import torch
 from ezengine.envs import VectorEnv, clip_reward
 from ezengine.model import EfficientZeroNet
 from ezengine.replay import ReplayBuffer
-from ezengine.search import BatchedSearch, select_actions
+from ezengine.search import BatchedSearch, SearchResult, select_actions
 
 
 def transition_fields(num_envs: int, frame_shape: tuple[int, ...], frame_dtype: np.dtype,
@@ -87,6 +88,14 @@ class FrameStacks:
         return self.frames.reshape(n, s * shape[0], *shape[1:])
 
 
+class RemoteSearch(Protocol):
+    """Searches run elsewhere (by the model owner) for a collector's environments."""
+
+    def search(self, obs: np.ndarray) -> SearchResult:
+        """Search from stacked observations [N, ...] with root noise."""
+        ...
+
+
 class Collector:
     """Steps `envs` with the search's policy.
 
@@ -114,10 +123,11 @@ class Collector:
         """Zeroed arrays for one transition record."""
         return {name: np.zeros(shape, dtype) for name, shape, dtype in self.fields}
 
-    def step(self, model: EfficientZeroNet | None, temperature: float,
+    def step(self, model: EfficientZeroNet | RemoteSearch | None, temperature: float,
              out: Mapping[str, np.ndarray] | None = None) -> Mapping[str, np.ndarray]:
         """One step of every environment, written into `out` (for example a ring slot's
-        views) or a new record. With model None, act uniformly at random (the warm-up)."""
+        views) or a new record. With model None, act uniformly at random (the warm-up);
+        with a RemoteSearch, the search runs wherever that sends it."""
         rec = self.new_record() if out is None else out
         n, a = self.envs.num_envs, self.envs.num_actions
         if model is None:
@@ -125,9 +135,12 @@ class Collector:
             rec["policies"][...] = 1.0 / a
             rec["root_values"][...] = 0.0
         else:
-            device = next(model.parameters()).device
-            obs = torch.from_numpy(self.stacks.model_input()).to(device)
-            result = self.search.run(model, obs, add_noise=True)
+            if isinstance(model, EfficientZeroNet):
+                device = next(model.parameters()).device
+                obs = torch.from_numpy(self.stacks.model_input()).to(device)
+                result = self.search.run(model, obs, add_noise=True)
+            else:
+                result = model.search(self.stacks.model_input())
             actions = select_actions(result.visit_counts, temperature, self.rng)
             rec["policies"][...] = result.policies()
             rec["root_values"][...] = result.root_values

@@ -228,6 +228,10 @@ class RunConfig:
         "auto", "where the pipeline reanalyses: 'worker' (own process, CPU copy of the target "
         "model), 'learner' (in the learner process, on the training device), or 'auto' "
         "(learner on CUDA, worker otherwise)", _choices("auto", "worker", "learner"))
+    collector_inference: str = _f(
+        "local", "where the pipeline's collectors search: 'local' (each collector's CPU copy "
+        "of the published self-play weights) or 'learner' (the model owner runs their "
+        "searches on the training device)", _choices("local", "learner"))
 
 
 @dataclass

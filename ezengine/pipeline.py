@@ -64,7 +64,7 @@ from ezengine.rings import (
     unlink_orphaned_segments,
     unlink_segments,
 )
-from ezengine.search import BatchedSearch
+from ezengine.search import BatchedSearch, SearchResult
 from ezengine.trainer import (
     configure_torch,
     resolve_device,
@@ -114,6 +114,8 @@ class PipelineSpec:
     selfplay_weights: WeightsSpec
     target_weights: WeightsSpec
     eval_weights: WeightsSpec
+    search_requests: list[RingSpec]  # per collector; empty unless collector_inference=learner
+    search_results: list[RingSpec]
     prefix: str  # every segment's name starts with it
     supervisor_pid: int
 
@@ -124,10 +126,30 @@ class PipelineSpec:
 # ---------------------------------------------------------------------- layouts and logs
 
 
+def model_input_shape(cfg: Config, obs: Observation) -> tuple[int, ...]:
+    """Shape of one model input: frame_stack frames stacked on the first axis."""
+    return (obs.shape[0] * cfg.env.frame_stack, *obs.shape[1:])
+
+
+def search_request_fields(cfg: Config, obs: Observation) -> list[tuple[str, tuple[int, ...],
+                                                                      np.dtype]]:
+    """A collector's search request to the model owner: its N stacked observations."""
+    return [("obs", (cfg.env.num_envs, *model_input_shape(cfg, obs)), np.dtype(obs.dtype))]
+
+
+def search_result_fields(cfg: Config, obs: Observation) -> list[tuple[str, tuple[int, ...],
+                                                                     np.dtype]]:
+    """The model owner's answer: a SearchResult for N roots."""
+    n = cfg.env.num_envs
+    return [("visit_counts", (n, obs.num_actions), np.dtype(np.int32)),
+            ("root_values", (n,), np.dtype(np.float32)),
+            ("predicted_values", (n,), np.dtype(np.float32))]
+
+
 def batch_fields(cfg: Config, obs: Observation) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """(name, shape, dtype) of a TrainingBatch in the batches ring."""
     b, k, a = cfg.learner.batch_size, cfg.learner.unroll_steps, obs.num_actions
-    frame = (obs.shape[0] * cfg.env.frame_stack, *obs.shape[1:])
+    frame = model_input_shape(cfg, obs)
     dt = np.dtype(obs.dtype)
     return [
         ("obs", (b, *frame), dt), ("next_obs", (b, k, *frame), dt),
@@ -251,30 +273,107 @@ def run_collector(spec: PipelineSpec, index: int) -> None:
                            cfg.learner.value_prefix_horizon, seed=seed)
     collector = Collector(envs, search, clip_rewards=cfg.env.clip_rewards,
                           frame_stack=cfg.env.frame_stack, seed=seed, env_steps=start_steps)
+    remote = (SearchClient(attach(Ring, spec.search_requests[index]),
+                           attach(Ring, spec.search_results[index]), counters)
+              if spec.search_requests else None)
     model = cpu_model(cfg, spec.obs)
     flat = np.empty(weights.spec.size, dtype=np.float32)
     loaded = 0
-    share = -(-cfg.run.env_steps // (spec.num_collectors * n)) * n  # this collector's budget
     run = cfg.run
+    per_collector = spec.num_collectors * n
+    share = -(-run.env_steps // per_collector) * n  # this collector's budget
+    # This collector's part of the random warm-up, counted at the collector: a count of what
+    # the replay has ingested would lag by the ring's contents at start-up.
+    warmup_share = -(-run.start_transitions // per_collector) * n
     while not counters["stop"] and collector.env_steps < share:
         total = counters["replay_env_steps"]
-        warmup = total < run.start_transitions
+        warmup = collector.env_steps < warmup_share
         if not warmup:
             # Pacing: stay within one vector step of the replay ratio.
             allowed = run.start_transitions + (counters["train_steps"] + 1) / run.replay_ratio
             if total >= allowed + n * spec.num_collectors:
                 time.sleep(POLL_S)
                 continue
-            loaded = refresh(model, weights, flat, loaded)
+            if remote is None:
+                wait_for_version(weights, counters)
+                loaded = refresh(model, weights, flat, loaded)
         temperature = visit_temperature(cfg, total)
+        policy = None if warmup else (remote or model)
         try:
             with ring.write(timeout=1.0) as slot:
-                collector.step(None if warmup else model, temperature, out=slot)
+                collector.step(policy, temperature, out=slot)
                 log.append(slot)
         except RingTimeout:
             continue
     envs.close()
     ring.close()
+
+
+class SearchClient:
+    """A collector's searches run by the model owner (run.collector_inference: learner): the
+    stacked observations go out through a request ring, the visit counts come back."""
+
+    def __init__(self, requests: Ring, results: Ring, counters: SharedCounters) -> None:
+        self.requests = requests
+        self.results = results
+        self.counters = counters
+
+    def search(self, obs: np.ndarray) -> SearchResult:
+        """Search from stacked observations [N, ...]; raises Stopped if the run stops."""
+        def fill(slot: Any) -> None:
+            slot["obs"][...] = obs
+        if not write_unless_stopped(self.requests, self.counters, fill):
+            raise Stopped("the run stopped while a search was pending")
+        while True:
+            try:
+                with self.results.read(timeout=1.0) as slot:
+                    return SearchResult(np.array(slot["visit_counts"]),
+                                        np.array(slot["root_values"]),
+                                        np.array(slot["predicted_values"]))
+            except RingTimeout:
+                if self.counters["stop"]:
+                    raise Stopped("the run stopped while a search was pending") from None
+
+
+class SearchServer:
+    """The model owner's side of SearchClient: runs every collector's pending search on
+    the training device with a copy of the latest published self-play weights."""
+
+    def __init__(self, spec: PipelineSpec, cfg: Config, learner: Learner,
+                 counters: SharedCounters) -> None:
+        self.requests = [attach(Ring, s) for s in spec.search_requests]
+        self.results = [attach(Ring, s) for s in spec.search_results]
+        self.counters = counters
+        self.learner = learner
+        self.device = learner.device
+        self.model = cpu_model(cfg, spec.obs).to(self.device)
+        self.searches = [BatchedSearch(cfg.search, spec.obs.num_actions, cfg.learner.discount,
+                                       cfg.learner.value_prefix_horizon,
+                                       seed=cfg.run.seed + 1000 * (i + 1))
+                         for i in range(len(self.requests))]
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Act with the learner's current weights (called when self-play weights publish)."""
+        self.model.load_state_dict(self.learner.model.state_dict())
+
+    def serve(self) -> bool:
+        """Answer every waiting request (one per collector); whether there was any."""
+        busy = False
+        for i, requests in enumerate(self.requests):
+            with requests.try_read() as slot:
+                if slot is None:
+                    continue
+                obs = torch.from_numpy(np.array(slot["obs"])).to(self.device)
+            result = self.searches[i].run(self.model, obs, add_noise=True)
+
+            def fill(out: Any, result: SearchResult = result) -> None:
+                out["visit_counts"][...] = result.visit_counts
+                out["root_values"][...] = result.root_values
+                out["predicted_values"][...] = result.predicted_values
+            write_unless_stopped(self.results[i], self.counters, fill)
+            busy = True
+        return busy
 
 
 class ReplayWorker:
@@ -494,6 +593,7 @@ def run_learner(spec: PipelineSpec) -> None:
     source: RingBatches | LocalBatches = (
         LocalBatches(spec, cfg, counters, learner) if reanalyse_in_learner(cfg)
         else RingBatches(spec, counters))
+    server = SearchServer(spec, cfg, learner, counters) if spec.search_requests else None
     published = {"selfplay": 0, "target": 0, "eval": 0}
 
     def publish(name: str, block: SharedWeights, module: torch.nn.Module) -> None:
@@ -513,7 +613,14 @@ def run_learner(spec: PipelineSpec) -> None:
     run = cfg.run
     total_train = total_training_steps(cfg)
     while learner.steps < total_train and not counters["stop"]:
-        batch = source.next(timeout=0.5)
+        if server is None:
+            batch = source.next(timeout=0.5)
+        else:  # between training steps, and while no batch is ready, answer searches
+            served = server.serve()
+            batch = source.next(timeout=0.0)
+            if batch is None and not served:
+                time.sleep(POLL_S)
+                source.waited_s += POLL_S
         counters["learner_wait_s"] = source.waited_s
         if batch is None:
             continue
@@ -527,6 +634,8 @@ def run_learner(spec: PipelineSpec) -> None:
                 counters[name] = metrics[name]
         if steps % run.selfplay_update_interval == 0:
             publish("selfplay", selfplay, learner.model)
+            if server is not None:
+                server.refresh()
         if learner.target_version != target_before:
             publish("target", target_w, learner.target)
             counters["target_version"] = learner.target_version
@@ -717,7 +826,15 @@ class PipelineTrainer:
                 floats=FLOAT_COUNTERS)
             weights = {name: SharedWeights.create(prefix, size, name=f"{name} weights")
                        for name in ("selfplay", "target", "eval")}
-            blocks = [*transitions, batches, priorities, counters, *weights.values()]
+            remote = cfg.run.collector_inference == "learner"
+            requests = [Ring.create(prefix, SlotLayout(search_request_fields(cfg, obs)), 1,
+                                    name=f"search requests: collector-{i} -> learner")
+                        for i in range(self.num_collectors if remote else 0)]
+            results = [Ring.create(prefix, SlotLayout(search_result_fields(cfg, obs)), 1,
+                                   name=f"search results: learner -> collector-{i}")
+                       for i in range(self.num_collectors if remote else 0)]
+            blocks = [*transitions, batches, priorities, counters, *weights.values(),
+                      *requests, *results]
             self.rings = [*transitions, batches]
             if self.resume:
                 counters["train_steps"], counters["replay_env_steps"] = resume_point
@@ -725,7 +842,8 @@ class PipelineTrainer:
                                 self.num_collectors, self.resume,
                                 [r.spec for r in transitions], batches.spec, priorities.spec,
                                 counters.spec, weights["selfplay"].spec,
-                                weights["target"].spec, weights["eval"].spec, prefix,
+                                weights["target"].spec, weights["eval"].spec,
+                                [r.spec for r in requests], [r.spec for r in results], prefix,
                                 os.getpid())
             return self._supervise(spec, counters)
         finally:

@@ -223,13 +223,27 @@ def test_killing_any_process_then_resuming_loses_no_transition(tmp_path, victim)
 
 def test_a_crashing_child_reports_its_traceback(tmp_path):
     run = tmp_path / "run"
-    # A whole short run, with reanalysis inside the learner (the CUDA placement).
+    # A whole short run with the model owner doing all inference: reanalysis inside the
+    # learner (the CUDA placement) and the collector's searches answered by the learner.
     proc = start(["configs/cartpole.yaml", "--run-dir", str(run), "--env-steps", "400", *TINY,
-                  "--set", "run.reanalyse_placement=learner"])
+                  "--set", "run.reanalyse_placement=learner",
+                  "--set", "run.collector_inference=learner",
+                  "--set", "run.selfplay_update_interval=10"])
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     assert "processes: learner, evaluator, collector-0 |" in out
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] == 50
+    records = log_records(run)
+    assert int(records["env_steps"][-1, 0]) == 400
+    # After the 200 random warm-up steps the learner searched for the collector (which
+    # loads no weights itself in this mode): 4-simulation visit distributions (multiples of
+    # 1/4) and, once trained weights were published, non-zero root values.
+    searched = records["env_steps"][:, 0] > 200
+    assert searched.sum() == 25
+    assert (records["root_values"][~searched] == 0).all()
+    assert (records["root_values"][searched][-10:] != 0).all()
+    policies = records["policies"][searched]
+    np.testing.assert_allclose(policies * 4, np.round(policies * 4), atol=1e-6)
     # A corrupt checkpoint makes the learner raise while resuming.
     (run / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
     proc = start(["--resume", str(run)])
