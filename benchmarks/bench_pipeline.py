@@ -4,6 +4,10 @@ steps/s and the fraction of time the learner waited for data, measured after war
 (from the first progress row with training steps to the last).
 
     python benchmarks/bench_pipeline.py [--seconds 120] [--serial] [--only cartpole|atari]
+                                        [--set section.key=value ...]
+
+`--set` applies to every run, for example `--set run.collector_inference=learner` to measure
+the collectors' searches answered by the model owner instead of run on CPU weight copies.
 
 The Atari-shaped run is Ms. Pac-Man with the paper's network and 96x96x12 inputs; on a CPU
 it uses a smaller batch and fewer simulations (override with --atari-set) so that it trains
@@ -63,18 +67,22 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(RUNS), default=None)
     parser.add_argument("--atari-set", nargs="*", default=ATARI_CPU,
                         help="overrides for the Atari-shaped run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="config override for every run")
     args = parser.parse_args()
     for name, run_args in RUNS.items():
         if args.only and name != args.only:
             continue
         extra = ["--serial"] if args.serial else []
+        for item in args.overrides:
+            extra += ["--set", item]
         if name == "atari":
             for item in args.atari_set:
                 extra += ["--set", item]
         with tempfile.TemporaryDirectory() as tmp:
             result = run_for(run_args + extra, args.seconds, Path(tmp) / "run")
         print(json.dumps({"config": name, "mode": "serial" if args.serial else "pipeline",
-                          **result}), flush=True)
+                          "overrides": args.overrides, **result}), flush=True)
 
 
 if __name__ == "__main__":
