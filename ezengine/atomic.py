@@ -29,3 +29,13 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_leftover_temporaries(path: str | Path) -> list[Path]:
+    """Delete temporary files that :func:`atomic_write` left beside `path` when its process
+    was killed mid-write (`path` itself is never half-written); returns those removed."""
+    path = Path(path)
+    leftovers = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for tmp in leftovers:
+        tmp.unlink(missing_ok=True)
+    return leftovers

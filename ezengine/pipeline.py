@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ezengine.atomic import remove_leftover_temporaries
 from ezengine.checkpoint import load_checkpoint, save_checkpoint
 from ezengine.collector import Collector, finished_games, store_transition, transition_fields
 from ezengine.config import Config, config_from_dict, config_to_dict, save_config
@@ -856,6 +857,7 @@ class PipelineTrainer:
         """(training steps of the latest checkpoint, env steps in the replay logs); says
         where the run resumes from."""
         ckpt = self.run_dir / "checkpoints" / "latest.pt"
+        remove_leftover_temporaries(ckpt)
         steps = 0
         if ckpt.exists():
             with contextlib.suppress(Exception):  # a broken one is the learner's to report

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ezengine.atomic import atomic_write, remove_leftover_temporaries
 from ezengine.checkpoint import load_checkpoint
 from ezengine.config import load_config
 from ezengine.metrics import drop_torn_rows
@@ -260,3 +261,15 @@ def test_a_torn_last_metrics_row_is_cut_before_resuming(tmp_path):
     drop_torn_rows(tmp_path)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"env_steps": 8}\n'
     assert (tmp_path / "eval.jsonl").read_text() == '{"mean_return": 20.0}\n'
+
+
+def test_temporaries_of_a_checkpoint_write_cut_short_are_removed(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "latest.pt"
+    atomic_write(ckpt, lambda f: f.write(b"whole"))
+    stray = ckpt.parent / ".latest.pt.k2j4x9.tmp"  # what a SIGKILL mid-write leaves
+    stray.write_bytes(b"half")
+    other = ckpt.parent / ".best.pt.abc.tmp"  # another file's: not ours to remove
+    other.write_bytes(b"x")
+    assert remove_leftover_temporaries(ckpt) == [stray]
+    assert not stray.exists() and other.exists()
+    assert ckpt.read_bytes() == b"whole"
