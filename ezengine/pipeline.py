@@ -348,9 +348,12 @@ class SearchServer:
         self.learner = learner
         self.device = learner.device
         self.model = cpu_model(cfg, spec.obs).to(self.device)
+        # Seeded like the collectors' own searches, by the steps so far: a resumed run does
+        # not repeat its root noise.
+        start = counters["replay_env_steps"]
         self.searches = [BatchedSearch(cfg.search, spec.obs.num_actions, cfg.learner.discount,
                                        cfg.learner.value_prefix_horizon,
-                                       seed=cfg.run.seed + 1000 * (i + 1))
+                                       seed=cfg.run.seed + 1000 * (i + 1) + start)
                          for i in range(len(self.requests))]
         self.refresh()
 
@@ -586,6 +589,7 @@ def run_learner(spec: PipelineSpec) -> None:
     target_w = attach(SharedWeights, spec.target_weights)
     eval_w = attach(SharedWeights, spec.eval_weights)
     device = resolve_device(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)  # the initial weights (a resumed run loads its own)
     learner = Learner(cfg, cpu_model(cfg, spec.obs).train(), device)
     run_dir = Path(spec.run_dir)
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
