@@ -817,9 +817,14 @@ class PipelineTrainer:
         blocks: list[Any] = []
         self.metrics = MetricsWriter(self.run_dir)
         try:
-            transitions = [Ring.create(prefix, SlotLayout(transition_layout(cfg, obs)), 64,
-                                       name=f"transitions: collector-{i} -> reanalyse")
-                           for i in range(self.num_collectors)]
+            def per_collector(fields: list, slots: int, name: str, count: int) -> list[Ring]:
+                """One ring per collector; `name` has a {} for the collector index."""
+                return [Ring.create(prefix, SlotLayout(fields), slots, name=name.format(i))
+                        for i in range(count)]
+
+            transitions = per_collector(transition_layout(cfg, obs), 64,
+                                        "transitions: collector-{} -> reanalyse",
+                                        self.num_collectors)
             batches = Ring.create(prefix, SlotLayout(batch_fields(cfg, obs)), 2,
                                   name="batches: reanalyse -> learner")
             b = cfg.learner.batch_size
@@ -831,13 +836,11 @@ class PipelineTrainer:
                 floats=FLOAT_COUNTERS)
             weights = {name: SharedWeights.create(prefix, size, name=f"{name} weights")
                        for name in ("selfplay", "target", "eval")}
-            remote = cfg.run.collector_inference == "learner"
-            requests = [Ring.create(prefix, SlotLayout(search_request_fields(cfg, obs)), 1,
-                                    name=f"search requests: collector-{i} -> learner")
-                        for i in range(self.num_collectors if remote else 0)]
-            results = [Ring.create(prefix, SlotLayout(search_result_fields(cfg, obs)), 1,
-                                   name=f"search results: learner -> collector-{i}")
-                       for i in range(self.num_collectors if remote else 0)]
+            remote = self.num_collectors if cfg.run.collector_inference == "learner" else 0
+            requests = per_collector(search_request_fields(cfg, obs), 1,
+                                     "search requests: collector-{} -> learner", remote)
+            results = per_collector(search_result_fields(cfg, obs), 1,
+                                    "search results: learner -> collector-{}", remote)
             blocks = [*transitions, batches, priorities, counters, *weights.values(),
                       *requests, *results]
             self.rings = [*transitions, batches]
