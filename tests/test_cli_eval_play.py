@@ -96,6 +96,16 @@ def test_example_script(run: Path) -> None:
     assert set(record) == RECORD_KEYS and record["episodes"] == 1
 
 
+def test_cartpole_values_example_prints_the_agents_root_values(run: Path) -> None:
+    proc = ez(sys.executable, "examples/cartpole_values.py", run, "--positions", "5")
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [float(r[0]) for r in rows] == [-0.5, 0.0, 0.5]
+    agent = Agent.load(run)
+    obs = np.array([[x, 0.0, 0.0, 0.0] for x in np.linspace(-2, 2, 5)], dtype=np.float32)
+    expected = agent.search(obs).root_values
+    np.testing.assert_allclose([float(v) for v in rows[1][1:]], expected, atol=0.051)
+
+
 def test_play_render_without_display_writes_video(run: Path) -> None:
     proc = ez(*CLI, "play", "--checkpoint", run, "--render", "--max-steps", "20")
     assert "no display" in proc.stdout
