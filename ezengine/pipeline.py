@@ -836,11 +836,12 @@ class PipelineTrainer:
                 floats=FLOAT_COUNTERS)
             weights = {name: SharedWeights.create(prefix, size, name=f"{name} weights")
                        for name in ("selfplay", "target", "eval")}
-            remote = self.num_collectors if cfg.run.collector_inference == "learner" else 0
+            remote_collectors = (self.num_collectors
+                                 if cfg.run.collector_inference == "learner" else 0)
             requests = per_collector(search_request_fields(cfg, obs), 1,
-                                     "search requests: collector-{} -> learner", remote)
+                                     "search requests: collector-{} -> learner", remote_collectors)
             results = per_collector(search_result_fields(cfg, obs), 1,
-                                    "search results: learner -> collector-{}", remote)
+                                    "search results: learner -> collector-{}", remote_collectors)
             blocks = [*transitions, batches, priorities, counters, *weights.values(),
                       *requests, *results]
             self.rings = [*transitions, batches]
