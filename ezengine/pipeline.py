@@ -621,11 +621,15 @@ def run_learner(spec: PipelineSpec) -> None:
         if server is None:
             batch = source.next(timeout=0.5)
         else:  # between training steps, and while no batch is ready, answer searches
+            # Time spent answering searches while no batch is ready counts as waiting for
+            # data too: the learner could not have trained in it.
+            t0, waited_before = time.perf_counter(), source.waited_s
             served = server.serve()
             batch = source.next(timeout=0.0)
-            if batch is None and not served:
-                time.sleep(POLL_S)
-                source.waited_s += POLL_S
+            if batch is None:
+                if not served:
+                    time.sleep(POLL_S)
+                source.waited_s = waited_before + time.perf_counter() - t0
         counters["learner_wait_s"] = source.waited_s
         if batch is None:
             continue
