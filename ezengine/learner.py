@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ezengine.config import Config
 from ezengine.model import EfficientZeroNet
-from ezengine.reanalyse import TrainingBatch
+from ezengine.reanalyse import TrainingBatch, model_inputs
 from ezengine.support import scalar_to_support, support_to_scalar
 
 
@@ -87,13 +87,20 @@ class Learner:
         self.steps = 0
         self.target_version = 0
 
-    def _obs(self, x: np.ndarray, augment: bool) -> Tensor:
-        t = torch.from_numpy(x).to(self.device, non_blocking=True)
-        if t.dtype == torch.uint8:
-            t = t.float() / 255.0
+    def _inputs(self, frames: np.ndarray, augment: bool) -> tuple[Tensor, Tensor]:
+        """Model inputs from a batch's frame windows: at t [B, ...] and at t+1..t+K
+        [B*K, ...], images scaled to [0, 1] and (if `augment`) randomly shifted."""
+        K = self.cfg.learner.unroll_steps
+        t = torch.from_numpy(frames).to(self.device, non_blocking=True)
+        b = t.shape[0]
+        x = model_inputs(t, t.shape[1] - K)  # [B, K+1, stack*C, ...]
+        x = x.reshape(b * (K + 1), *x.shape[2:])
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
             if augment:
-                t = augment_images(t)
-        return t
+                x = augment_images(x)
+        x = x.reshape(b, K + 1, *x.shape[1:])
+        return x[:, 0].contiguous(), x[:, 1:].reshape(b * K, *x.shape[2:])
 
     def losses(self, batch: TrainingBatch) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Per-sample loss [B] (before PER weights), its parts (batch means) and the
@@ -103,10 +110,8 @@ class Learner:
         K = lc.unroll_steps
         S = model.support_size
         dev = self.device
-        augment = lc.augmentation
-        obs = self._obs(batch.obs, augment)
+        obs, next_obs = self._inputs(batch.frames, lc.augmentation)
         b = obs.shape[0]
-        next_obs = self._obs(batch.next_obs.reshape(b * K, *batch.next_obs.shape[2:]), augment)
         actions = torch.from_numpy(batch.actions).to(dev)
         z = torch.from_numpy(batch.value_targets).to(dev)
         g = torch.from_numpy(batch.value_prefix_targets).to(dev)

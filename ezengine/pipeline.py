@@ -150,10 +150,8 @@ def search_result_fields(cfg: Config, obs: Observation) -> list[tuple[str, tuple
 def batch_fields(cfg: Config, obs: Observation) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """(name, shape, dtype) of a TrainingBatch in the batches ring."""
     b, k, a = cfg.learner.batch_size, cfg.learner.unroll_steps, obs.num_actions
-    frame = model_input_shape(cfg, obs)
-    dt = np.dtype(obs.dtype)
     return [
-        ("obs", (b, *frame), dt), ("next_obs", (b, k, *frame), dt),
+        ("frames", (b, cfg.env.frame_stack + k, *obs.shape), np.dtype(obs.dtype)),
         ("actions", (b, k), np.dtype(np.int64)),
         ("value_targets", (b, k + 1), np.dtype(np.float32)),
         ("value_prefix_targets", (b, k), np.dtype(np.float32)),

@@ -31,16 +31,16 @@ from ezengine.support import support_to_scalar
 class TrainingBatch:
     """One learner batch, all numpy (it crosses process boundaries as is).
 
-    obs: [B, stack*C, ...] model input at t. next_obs: [B, K, stack*C, ...] inputs at
-    t+1..t+K (targets of the consistency loss). actions: int64 [B, K]. value_targets:
+    frames: [B, stack+K, C, ...] observations o_{t-stack+1} .. o_{t+K}; the model input
+    at t+k stacks frames k .. k+stack-1 (`model_inputs`): the one at t starts the unroll,
+    those at t+1..t+K are the targets of the consistency loss. actions: int64 [B, K]. value_targets:
     float32 [B, K+1]. value_prefix_targets: float32 [B, K]. policy_targets: float32
     [B, K+1, A]. masks: float32 [B, K+1], masks[:, 0] = 1. weights: float32 [B] PER
     importance weights. positions: int64 [B] replay positions (for priority updates).
     target_version: training step of the target model that made the targets.
     """
 
-    obs: np.ndarray
-    next_obs: np.ndarray
+    frames: np.ndarray
     actions: np.ndarray
     value_targets: np.ndarray
     value_prefix_targets: np.ndarray
@@ -49,6 +49,14 @@ class TrainingBatch:
     weights: np.ndarray
     positions: np.ndarray
     target_version: int
+
+
+def model_inputs(frames: torch.Tensor, frame_stack: int) -> torch.Tensor:
+    """[B, n - stack + 1, stack*C, ...]: every model input of a batch's frame windows
+    [B, n, C, ...]; input j stacks frames j .. j+stack-1, oldest first."""
+    b, n = frames.shape[:2]
+    windows = frames.unfold(1, frame_stack, 1).movedim(-1, 2)  # [B, n-stack+1, stack, C, ...]
+    return windows.reshape(b, n - frame_stack + 1, -1, *frames.shape[3:])
 
 
 def td_horizon(age: np.ndarray, td_steps: int, fraction: float, budget: int) -> np.ndarray:
@@ -162,19 +170,16 @@ class Reanalyser:
         random_actions = self.rng.integers(0, self.num_actions, size=(t.shape[0], K))
         actions = np.where(has_action[:, :K], rp.actions[rp.slot(np.maximum(pos[:, :K], 0))],
                            random_actions)
-        # Observations past the end repeat the last stored one (masked out anyway).
+        # Frames past the end repeat the last stored one (their inputs are masked out).
         filled = pos.copy()
         for k in range(1, K + 1):
             filled[:, k] = np.where(valid[:, k], pos[:, k], filled[:, k - 1])
-        obs_all = rp.stacked_frames(filled.reshape(-1)).reshape(
-            t.shape[0], K + 1, -1, *rp.frame_shape[1:])
         age = env_steps - rp.collected_at[rp.slot(t)]
         horizon = td_horizon(age, cfg.learner.td_steps, cfg.learner.off_policy_fraction,
                              cfg.run.env_steps)
         rewards = rp.rewards[rp.slot(np.maximum(pos[:, :K], 0))]
         return TrainingBatch(
-            obs=obs_all[:, 0],
-            next_obs=obs_all[:, 1:],
+            frames=rp.frame_windows(filled),
             actions=actions.astype(np.int64),
             value_targets=self.value_targets(target_model, pos, horizon),
             value_prefix_targets=value_prefix_targets(rewards, has_action[:, :K],

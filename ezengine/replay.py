@@ -183,10 +183,9 @@ class ReplayBuffer:
             out[:, k + 1] = self.successors(out[:, k])
         return out
 
-    def stacked_frames(self, g: np.ndarray) -> np.ndarray:
-        """[n, frame_stack * C, ...] model inputs at positions g (all alive): the frame at g
-        and its predecessors, oldest first, padded with the trajectory's first stored
-        frame (as the collector pads at a reset)."""
+    def _frame_stacks(self, g: np.ndarray) -> np.ndarray:
+        """[n, frame_stack, C, ...]: the frame at g and its predecessors, oldest first,
+        padded with the trajectory's first stored frame (as the collector pads at a reset)."""
         n = g.shape[0]
         stack = np.empty((n, self.frame_stack, *self.frame_shape), dtype=self.frames.dtype)
         cur = g.copy()
@@ -194,4 +193,20 @@ class ReplayBuffer:
             stack[:, j] = self.frames[self.slot(cur)]
             prev = self.pred[self.slot(cur)]
             cur = np.where(self.alive(prev), prev, cur)
-        return stack.reshape(n, self.frame_stack * self.frame_shape[0], *self.frame_shape[1:])
+        return stack
+
+    def stacked_frames(self, g: np.ndarray) -> np.ndarray:
+        """[n, frame_stack * C, ...] model inputs at positions g (all alive): the frame at g
+        and its predecessors, oldest first, padded with the trajectory's first stored
+        frame (as the collector pads at a reset)."""
+        return self._frame_stacks(g).reshape(g.shape[0], self.frame_stack * self.frame_shape[0],
+                                             *self.frame_shape[1:])
+
+    def frame_windows(self, g: np.ndarray) -> np.ndarray:
+        """[n, frame_stack + k, C, ...] for rows g [n, k + 1] of consecutive positions of
+        one trajectory each (all alive): the frame stack at g[:, 0] followed by the frames
+        at g[:, 1:]. Frames j .. j + frame_stack - 1 of a row are the model input at
+        g[:, j], so a window carries k + 1 model inputs at about 1 / frame_stack of
+        their size."""
+        later = self.frames[self.slot(g[:, 1:])]
+        return np.concatenate([self._frame_stacks(g[:, 0]), later], axis=1)

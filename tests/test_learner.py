@@ -52,8 +52,7 @@ def make_learner(cfg: Config, seed: int = 0) -> Learner:
 def make_batch(seed: int = 0, weights=None) -> TrainingBatch:
     rng = np.random.default_rng(seed)
     return TrainingBatch(
-        obs=rng.normal(size=(B, OBS)).astype(np.float32),
-        next_obs=rng.normal(size=(B, K, OBS)).astype(np.float32),
+        frames=rng.normal(size=(B, K + 1, OBS)).astype(np.float32),  # frame stack 1
         actions=rng.integers(0, A, size=(B, K)).astype(np.int64),
         value_targets=rng.uniform(-5, 5, size=(B, K + 1)).astype(np.float32),
         value_prefix_targets=rng.uniform(-3, 3, size=(B, K)).astype(np.float32),
@@ -122,12 +121,12 @@ def test_scale_gradient_identity_forward_scaled_backward():
 
 def manual_consistency(model, batch: TrainingBatch, stop_gradient: bool) -> torch.Tensor:
     """Per-sample sum_k m_k * -cos(pred(proj(s_hat_k)), proj(repr(o_{t+k}))) (spec 2.6)."""
-    b = batch.obs.shape[0]
-    nxt = torch.from_numpy(batch.next_obs.reshape(b * K, -1))
+    b = batch.frames.shape[0]
+    nxt = torch.from_numpy(batch.frames[:, 1:].reshape(b * K, -1))
     target = model.project(model.represent(nxt), with_head=False).reshape(b, K, -1)
     if stop_gradient:
         target = target.detach()
-    latent = model.represent(torch.from_numpy(batch.obs))
+    latent = model.represent(torch.from_numpy(batch.frames[:, 0]))
     lstm = model.initial_lstm_state(b)
     actions = torch.from_numpy(batch.actions)
     m = torch.from_numpy(batch.masks)
@@ -194,13 +193,13 @@ def test_masked_steps_contribute_nothing():
     wild = copy.deepcopy(batch)
     rng = np.random.default_rng(99)
     # Term k uses value_targets[:, k], policy_targets[:, k], value_prefix_targets[:, k-1],
-    # actions[:, k-1] and next_obs[:, k-1]; change all of them wildly where m_k = 0.
+    # actions[:, k-1] and frames[:, k]; change all of them wildly where m_k = 0.
     for i, first_masked in ((1, 2), (2, 1)):
         wild.value_targets[i, first_masked:] = rng.uniform(-900, 900, K + 1 - first_masked)
         wild.policy_targets[i, first_masked:] = rng.dirichlet([0.1] * A, K + 1 - first_masked)
         wild.value_prefix_targets[i, first_masked - 1:] = 777.0
         wild.actions[i, first_masked - 1:] = (wild.actions[i, first_masked - 1:] + 1) % A
-        wild.next_obs[i, first_masked - 1:] = 50.0 * rng.normal(size=(K + 1 - first_masked, OBS))
+        wild.frames[i, first_masked:] = 50.0 * rng.normal(size=(K + 1 - first_masked, OBS))
     with torch.no_grad():
         after, _, _ = learner.losses(wild)
     torch.testing.assert_close(after, base, rtol=1e-6, atol=1e-5)
@@ -251,8 +250,8 @@ def test_priorities_are_value_error_plus_eps():
     batch.value_targets[:, 0] = [3.0, -2.0, 0.5, 10.0]
     ref = copy.deepcopy(learner.model).train()  # the learner predicts in train mode
     with torch.no_grad():
-        v = support_to_scalar(ref.initial_inference(torch.from_numpy(batch.obs)).value_logits,
-                              5).numpy()
+        out = ref.initial_inference(torch.from_numpy(batch.frames[:, 0]))
+        v = support_to_scalar(out.value_logits, 5).numpy()
     assert np.abs(v).max() > 0.05  # a non-trivial prediction
     _, priorities = learner.train_step(batch)
     assert priorities.shape == (B,) and priorities.dtype == np.float64
@@ -296,11 +295,17 @@ def test_augment_images_shift_and_intensity():
 def test_learner_augments_only_image_observations():
     cfg = make_cfg(augmentation=True)
     learner = make_learner(cfg)
-    x = np.random.default_rng(0).normal(size=(2, OBS)).astype(np.float32)
-    torch.testing.assert_close(learner._obs(x, augment=True), torch.from_numpy(x))
-    img = np.random.default_rng(0).integers(0, 256, size=(2, 3, 8, 8), dtype=np.uint8)
-    got = learner._obs(img, augment=False)
-    torch.testing.assert_close(got, torch.from_numpy(img).float() / 255.0)
+    x = np.random.default_rng(0).normal(size=(2, K + 1, OBS)).astype(np.float32)
+    obs, next_obs = learner._inputs(x, augment=True)
+    torch.testing.assert_close(obs, torch.from_numpy(x[:, 0]))
+    torch.testing.assert_close(next_obs, torch.from_numpy(x[:, 1:].reshape(2 * K, OBS)))
+    # Images, frame stack 2: input k stacks frames k and k + 1, scaled to [0, 1].
+    img = np.random.default_rng(0).integers(0, 256, size=(2, K + 2, 3, 8, 8), dtype=np.uint8)
+    obs, next_obs = learner._inputs(img, augment=False)
+    scaled = torch.from_numpy(img).float() / 255.0
+    torch.testing.assert_close(obs, scaled[:, 0:2].reshape(2, 6, 8, 8))
+    torch.testing.assert_close(next_obs.reshape(2, K, 6, 8, 8)[:, K - 1],
+                               scaled[:, K:K + 2].reshape(2, 6, 8, 8))
 
 
 # --------------------------------------------------------------------------- checkpoints

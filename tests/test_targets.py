@@ -13,7 +13,7 @@ import torch
 
 from ezengine.config import Config, ModelConfig
 from ezengine.model import build_model
-from ezengine.reanalyse import Reanalyser, td_horizon, value_prefix_targets
+from ezengine.reanalyse import Reanalyser, model_inputs, td_horizon, value_prefix_targets
 from ezengine.replay import ReplayBuffer, SampledPositions
 from ezengine.support import support_to_scalar
 
@@ -249,15 +249,40 @@ def test_build_masks_horizons_and_stored_policies():
     np.testing.assert_array_equal(batch.actions[1], [g % A for g in range(2, 7)])
     np.testing.assert_array_equal(batch.actions[0, :3], [13 % A, 14 % A, 15 % A])
     assert ((batch.actions >= 0) & (batch.actions < A)).all()
-    # Inputs: obs at t, next_obs at t+1..t+K; past the end repeats the final observation.
-    np.testing.assert_array_equal(batch.obs[:, 0], [13, 2, 17])
-    np.testing.assert_array_equal(batch.next_obs[:, :, 0],
-                                  [[14, 15, 16, 16, 16], [3, 4, 5, 6, 7], [18, 19, 20, 20, 20]])
+    # Frames (stack 1): t, t+1..t+K; past the end repeats the final observation.
+    np.testing.assert_array_equal(batch.frames[:, :, 0], [[13, 14, 15, 16, 16, 16],
+                                                          [2, 3, 4, 5, 6, 7],
+                                                          [17, 18, 19, 20, 20, 20]])
     np.testing.assert_array_equal(batch.positions, [13, 2, 17])
     np.testing.assert_array_equal(batch.weights, [1.0, 0.5, 0.25])
     assert batch.target_version == 7
     assert batch.policy_targets.shape == (3, 6, A)
     assert batch.value_targets.dtype == np.float32
+
+
+def test_frame_windows_carry_every_stacked_model_input():
+    cfg = make_cfg(reanalyse_fraction=0.0)
+    rb = standard_buffer(stack=3)
+    re = KnownValues(cfg, rb, A, seed=3)
+    starts = np.array([13, 1, 5, 18])
+    batch = re.build(None, SampledPositions(starts, np.ones(4, np.float32)), env_steps=1000,
+                     target_version=0)
+    # Frame g is (g, -g). Stack 3 + K 5 frames: two before t (padded with the
+    # trajectory's first frame), then t..t+5 (past the end the final observation repeats).
+    assert batch.frames.shape == (4, 8, 2)
+    np.testing.assert_array_equal(batch.frames[:, :, 0], [[13, 13, 13, 14, 15, 16, 16, 16],
+                                                          [0, 0, 1, 2, 3, 4, 5, 6],
+                                                          [3, 4, 5, 6, 7, 8, 9, 10],
+                                                          [17, 17, 18, 19, 20, 20, 20, 20]])
+    # The learner's inputs from the window equal the replay's own stacks wherever the
+    # unroll is inside the trajectory.
+    inputs = model_inputs(torch.from_numpy(batch.frames), 3).numpy()
+    assert inputs.shape == (4, 6, 6)
+    pos = rb.unroll_positions(starts, 5)
+    for row, k in zip(*np.nonzero(pos >= 0), strict=True):
+        np.testing.assert_array_equal(inputs[row, k], rb.stacked_frames(pos[row, k:k + 1])[0])
+    np.testing.assert_array_equal(inputs[0, 1], [13, -13, 13, -13, 14, -14])
+    np.testing.assert_array_equal(inputs[3, 4], [20, -20, 20, -20, 20, -20])  # masked
 
 
 def test_build_research_fraction_with_a_real_model():
