@@ -255,6 +255,29 @@ def test_a_crashing_child_reports_its_traceback(tmp_path):
     assert shm_entries(proc.pid) == []
 
 
+def test_an_atari_run_trains_on_stacked_image_frames_through_the_rings(tmp_path):
+    # Real ALE frames (3 x 48 x 48 here, stack 4) through every ring: the batches carry
+    # frame windows that the learner stacks into model inputs.
+    run = tmp_path / "run"
+    small = ["model.channels=16", "model.reduced_channels=4", "model.lstm_hidden=16",
+             "model.projection_hidden=32", "model.projection_dim=32",
+             "model.projection_head_hidden=16", "model.support_size=10", "env.frame_size=48",
+             "env.num_envs=2", "learner.batch_size=4", "search.num_simulations=2",
+             "run.start_transitions=80", "run.eval_episodes=1", "env.eval_max_episode_steps=50",
+             "run.extra_training_steps=0", "run.log_interval_s=0.5"]
+    proc = start(["configs/ms_pacman.yaml", "--run-dir", str(run), "--env-steps", "160",
+                  "--device", "cpu", *[a for item in small for a in ("--set", item)]])
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] == 80
+    trained = [r for r in metrics(run) if r["train_steps"] > 0]
+    assert trained and all(np.isfinite(r["loss"]) for r in trained)
+    assert trained[-1]["loss_value"] < trained[0]["loss_value"]
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert evals[-1]["train_steps"] == 80 and evals[-1]["episodes"] == 1
+    assert shm_entries(proc.pid) == []
+
+
 def test_a_torn_last_metrics_row_is_cut_before_resuming(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"env_steps": 8}\n{"env_steps": 1')
     (tmp_path / "eval.jsonl").write_text('{"mean_return": 20.0}\n')
