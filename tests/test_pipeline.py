@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ezengine.atomic import atomic_write, remove_leftover_temporaries
 from ezengine.checkpoint import load_checkpoint
@@ -276,6 +277,27 @@ def test_an_atari_run_trains_on_stacked_image_frames_through_the_rings(tmp_path)
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert evals[-1]["train_steps"] == 80 and evals[-1]["episodes"] == 1
     assert shm_entries(proc.pid) == []
+
+
+def test_initial_weights_and_warm_up_data_follow_the_seed(tmp_path):
+    # Runs that end before training starts: their checkpoint holds the initial weights.
+    def run_with(seed: int, name: str) -> tuple[dict, np.ndarray]:
+        run = tmp_path / name
+        proc = start(["configs/cartpole.yaml", "--run-dir", str(run), "--env-steps", "200",
+                      "--seed", str(seed), *TINY, "--set", "run.extra_training_steps=0"])
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        state = load_checkpoint(run / "checkpoints" / "latest.pt")
+        assert state["learner"]["steps"] == 0
+        return state["selfplay"], log_records(run)
+
+    weights_a, log_a = run_with(0, "a")
+    weights_b, log_b = run_with(0, "b")
+    weights_c, log_c = run_with(1, "c")
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert not all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
+    np.testing.assert_array_equal(log_a, log_b)
+    assert not np.array_equal(log_a["frames"], log_c["frames"])
 
 
 def test_a_torn_last_metrics_row_is_cut_before_resuming(tmp_path):
