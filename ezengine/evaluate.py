@@ -38,6 +38,13 @@ class EvalResult:
                 "eval_s": round(self.wall_s, 2)}
 
 
+def describe_evaluation(row: dict) -> str:
+    """The console line for one eval.jsonl row."""
+    return (f"eval @ {row['train_steps']} training steps / {row['env_steps']} env steps: "
+            f"mean return {row['mean_return']:.1f} +- {row['std_return']:.1f} over "
+            f"{row['episodes']} episodes ({row['eval_s']:.1f}s)")
+
+
 @torch.no_grad()
 def evaluate(model: EfficientZeroNet, cfg: Config, episodes: int, seed: int) -> EvalResult:
     """Play `episodes` games in parallel (one environment each) with argmax-of-visits

@@ -43,7 +43,7 @@ from ezengine.checkpoint import load_checkpoint, save_checkpoint
 from ezengine.collector import Collector, finished_games, store_transition, transition_fields
 from ezengine.config import Config, config_from_dict, config_to_dict, save_config
 from ezengine.envs import VectorEnv, make_env
-from ezengine.evaluate import evaluate
+from ezengine.evaluate import describe_evaluation, evaluate
 from ezengine.learner import Learner
 from ezengine.metrics import Eta, MetricsWriter, drop_torn_rows
 from ezengine.model import EfficientZeroNet, build_model
@@ -65,6 +65,7 @@ from ezengine.rings import (
     unlink_orphaned_segments,
     unlink_segments,
 )
+from ezengine.scores import read_evaluations
 from ezengine.search import BatchedSearch, SearchResult
 from ezengine.trainer import (
     configure_torch,
@@ -783,6 +784,7 @@ class PipelineTrainer:
         self.stop_reason: str | None = None
         self.eta = Eta()
         self.failure: tuple[str, str] | None = None
+        self.evaluations_shown = 0
 
     def _observation(self) -> Observation:
         env = make_env(self.cfg.env, seed=0, train=True)
@@ -936,6 +938,8 @@ class PipelineTrainer:
         start = last = time.perf_counter()
         last_snap = counters.snapshot()
         total_train = total_training_steps(cfg)
+        self.evaluations_shown = len(read_evaluations(self.run_dir))  # older ones: a resume
+        waiting_announced = False
         while True:
             time.sleep(0.1)
             self._drain_errors(errors)
@@ -962,12 +966,29 @@ class PipelineTrainer:
             if learner_finished and (counters["eval_done"] >= total_train
                                      or procs["evaluator"].exitcode is not None):
                 self._progress(counters, last_snap, time.perf_counter() - last, start)
-                self.echo(f"done in {time.perf_counter() - start:.0f}s")
+                final = self._show_evaluations()
+                self.echo(f"done in {time.perf_counter() - start:.0f}s" + (
+                    f": final mean return {final['mean_return']:.1f}"
+                    if final and final["train_steps"] >= total_train else ""))
                 return
             now = time.perf_counter()
             if now - last >= cfg.run.log_interval_s:
-                self._progress(counters, last_snap, now - last, start)
+                self._show_evaluations()
+                if not learner_finished:
+                    self._progress(counters, last_snap, now - last, start)
+                elif not waiting_announced:
+                    self.echo(f"training done; the final evaluation ({cfg.run.eval_episodes} "
+                              "episodes) is running")
+                    waiting_announced = True
                 last, last_snap = now, counters.snapshot()
+
+    def _show_evaluations(self) -> dict[str, Any] | None:
+        """Echo the evaluator's rows not shown yet; returns the newest row, if any."""
+        rows = read_evaluations(self.run_dir)
+        for row in rows[self.evaluations_shown:]:
+            self.echo(describe_evaluation(row))
+        self.evaluations_shown = len(rows)
+        return rows[-1] if rows else None
 
     def _progress(self, counters: SharedCounters, before: dict[str, Any], seconds: float,
                   start: float) -> None:

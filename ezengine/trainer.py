@@ -29,7 +29,7 @@ from ezengine.checkpoint import save_checkpoint
 from ezengine.collector import Collector, finished_games, store_transition
 from ezengine.config import Config, config_to_dict, save_config
 from ezengine.envs import VectorEnv
-from ezengine.evaluate import evaluate
+from ezengine.evaluate import describe_evaluation, evaluate
 from ezengine.learner import Learner
 from ezengine.metrics import Eta, MetricsWriter
 from ezengine.model import build_model
@@ -150,9 +150,7 @@ class SerialTrainer:
                "wall_s": round(time.perf_counter() - self.start_time, 1), **result.record()}
         self.metrics.evaluation(row)
         self.evaluations.append(row)
-        self.echo(f"eval @ {self.learner.steps} training steps / {self.collector.env_steps} "
-                  f"env steps: mean return {result.mean:.1f} +- {result.std:.1f} over "
-                  f"{len(result.returns)} episodes ({result.wall_s:.1f}s)")
+        self.echo(describe_evaluation(row))
         return row
 
     def checkpoint(self) -> None:

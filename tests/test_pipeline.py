@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -234,6 +235,11 @@ def test_a_crashing_child_reports_its_traceback(tmp_path):
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     assert "processes: learner, evaluator, collector-0 |" in out
+    # The evaluator's rows reach the console, and the last line names the final return.
+    final = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+    assert re.search(r"eval @ 50 training steps / \d+ env steps: mean return "
+                     rf"{final['mean_return']:.1f} \+- ", out), out
+    assert out.rstrip().endswith(f"final mean return {final['mean_return']:.1f}"), out
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] == 50
     records = log_records(run)
     assert int(records["env_steps"][-1, 0]) == 400
