@@ -34,9 +34,9 @@ class TrainingBatch:
     frames: [B, stack+K, C, ...] observations o_{t-stack+1} .. o_{t+K}; the model input
     at t+k stacks frames k .. k+stack-1 (`model_inputs`): the one at t starts the unroll,
     those at t+1..t+K are the targets of the consistency loss. actions: int64 [B, K].
-    value_targets: float32 [B, K+1]. value_prefix_targets: float32 [B, K]. policy_targets: float32
-    [B, K+1, A]. masks: float32 [B, K+1], masks[:, 0] = 1. weights: float32 [B] PER
-    importance weights. positions: int64 [B] replay positions (for priority updates).
+    value_targets: float32 [B, K+1]. value_prefix_targets: float32 [B, K]. policy_targets:
+    float32 [B, K+1, A]. masks: float32 [B, K+1], masks[:, 0] = 1. weights: float32 [B]
+    PER importance weights. positions: int64 [B] replay positions (for priority updates).
     target_version: training step of the target model that made the targets.
     """
 
