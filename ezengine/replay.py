@@ -28,7 +28,7 @@ from ezengine_core.sumtree import SumTree
 @dataclass
 class SampledPositions:
     """A prioritized sample. positions: int64 [B] global indices; weights: float32 [B]
-    importance weights (N P(i))^-beta / max w."""
+    importance weights (N P(i))^-beta / max w, the max over this sample (spec 2.7)."""
 
     positions: np.ndarray
     weights: np.ndarray
@@ -157,8 +157,10 @@ class ReplayBuffer:
         if self.num_sampleable == 0:
             raise ValueError("the replay buffer has no sampleable position yet")
         slots, p_alpha = self.tree.sample(rng.random(batch_size))
-        # w_i = (N P(i))^-beta / max_j w_j, and max_j w_j belongs to the smallest priority.
-        weights = (p_alpha / self.tree.min) ** (-beta)
+        # w_i = (N P(i))^-beta / max_j w_j over the sample, as the reference does: the max
+        # belongs to the sample's smallest priority. (A buffer-wide max, set by the smallest
+        # priority anywhere, only drifts down and shrinks every weight with the run's age.)
+        weights = (p_alpha / p_alpha.min()) ** (-beta)
         return SampledPositions(self.global_index[slots], weights.astype(np.float32))
 
     def update_priorities(self, positions: np.ndarray, priorities: np.ndarray) -> None:

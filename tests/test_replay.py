@@ -282,6 +282,23 @@ def test_importance_weights_by_hand_for_three_items():
     assert rb.tree.get(np.array([6]))[0] == pytest.approx(2.0 ** 0.6)
 
 
+def test_importance_weights_are_normalised_by_the_samples_largest_weight():
+    # A position with a tiny priority that is (practically) never sampled must not shrink
+    # the weights of the others: the max weight is taken over the sample (spec 2.7).
+    rb = make_buffer(writers=1, lookahead=10, alpha=0.6)
+    for v in range(4):
+        put(rb, 0, v)
+    end(rb, 0, 4)
+    rb.update_priorities(np.array([0, 1, 2, 3]), np.array([1e-6, 1.0, 1.0, 4.0]))
+    s = rb.sample(64, 0.5, np.random.default_rng(0))
+    assert 0 not in s.positions.tolist()
+    # Sample max: p = 1 -> w = 1; p = 4 -> (4^0.6 / 1^0.6)^-0.5 = 4^-0.3 = 0.659754.
+    # (Normalised by the buffer's min priority 1e-6 they would be 1e-6^0.3 = 0.0158 and
+    # 0.0105.)
+    for g, w in zip(s.positions, s.weights, strict=True):
+        assert w == pytest.approx(1.0 if g in (1, 2) else 4.0 ** -0.3, rel=1e-6)
+
+
 def test_update_priorities_ignores_evicted_positions():
     cap = 4
     rb = make_buffer(cap, lookahead=1, alpha=1.0)
