@@ -185,8 +185,9 @@ class LearnerConfig:
     value_loss_weight: float = _f(0.25, "weight of the value loss", _NON_NEGATIVE)
     policy_loss_weight: float = _f(1.0, "weight of the policy loss", _NON_NEGATIVE)
     consistency_loss_weight: float = _f(2.0, "weight of the consistency loss", _NON_NEGATIVE)
-    target_update_interval: int = _f(200, "training steps between target-model refreshes",
-                                     _POSITIVE)
+    target_update_interval: int = _f(200, "training steps between target-model refreshes; "
+                                     "each takes the weights of the previous refresh (the "
+                                     "reference's lag of 1-2 intervals)", _POSITIVE)
     reanalyse_fraction: float = _f(0.99, "fraction of a batch whose policy targets are "
                                    "re-searched", _UNIT)
     off_policy_fraction: float = _f(0.3, "TD horizon shrinks by one per this fraction of the "

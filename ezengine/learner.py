@@ -86,6 +86,9 @@ class Learner:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.steps = 0
         self.target_version = 0
+        # The weights the target model takes at the next refresh, and their training step.
+        self.snapshot = copy.deepcopy(self.model.state_dict())
+        self.snapshot_version = 0
 
     def _inputs(self, frames: np.ndarray, augment: bool) -> tuple[Tensor, Tensor]:
         """Model inputs from a batch's frame windows: at t [B, ...] and at t+1..t+K
@@ -182,15 +185,20 @@ class Learner:
         return metrics, priorities
 
     def update_target(self) -> None:
-        """Copy the online weights into the target model."""
-        self.target.load_state_dict(self.model.state_dict())
-        self.target_version = self.steps
+        """Refresh the target model, as the reference does: it takes the snapshot made at the
+        previous refresh, and the online weights become the next snapshot, so targets come
+        from weights 1-2 refresh intervals old (200-400 steps at the paper's settings)."""
+        self.target.load_state_dict(self.snapshot)
+        self.target_version = self.snapshot_version
+        self.snapshot = copy.deepcopy(self.model.state_dict())
+        self.snapshot_version = self.steps
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume learning (tensors and plain values only)."""
         return {"model": self.model.state_dict(), "target": self.target.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "steps": self.steps, "target_version": self.target_version,
+                "snapshot": self.snapshot, "snapshot_version": self.snapshot_version,
                 # Augmentation draws from torch's generator: resume it where it was.
                 "torch_rng": torch.get_rng_state()}
 
@@ -202,4 +210,6 @@ class Learner:
         self.scaler.load_state_dict(state["scaler"])
         self.steps = int(state["steps"])
         self.target_version = int(state["target_version"])
+        self.snapshot = copy.deepcopy(state["snapshot"])
+        self.snapshot_version = int(state["snapshot_version"])
         torch.set_rng_state(state["torch_rng"].cpu())

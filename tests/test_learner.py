@@ -322,7 +322,8 @@ def test_state_dict_round_trip_through_checkpoint(tmp_path):
     assert state["env_steps"] == 123
     other = make_learner(cfg, seed=5)  # different weights before loading
     other.load_state_dict(state["learner"])
-    assert other.steps == 3 and other.target_version == 2
+    # Refreshed at step 2 with the snapshot of step 0; the step-2 weights wait for step 4.
+    assert other.steps == 3 and other.target_version == 0 and other.snapshot_version == 2
     for (n, p), q in zip(learner.model.named_parameters(), other.model.parameters(),
                          strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=n)
@@ -341,6 +342,30 @@ def test_state_dict_round_trip_through_checkpoint(tmp_path):
     np.testing.assert_array_equal(p_a, p_b)
     for p, q in zip(learner.model.parameters(), other.model.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
+    # Step 4 refreshed both targets from the restored snapshot (the step-2 weights).
+    assert learner.target_version == other.target_version == 2
+    for p, q in zip(learner.target.parameters(), other.target.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_target_model_lags_one_to_two_refresh_intervals():
+    # The reference reanalyses with the snapshot of the previous refresh: with interval 2,
+    # the target is the initial model until step 4, then the step-2 weights until step 6.
+    cfg = make_cfg(lr_warmup_steps=0, target_update_interval=2)
+    learner = make_learner(cfg)
+    weights = {0: copy.deepcopy(learner.model.state_dict())}
+    seen = {}
+    for step in range(1, 7):
+        learner.train_step(make_batch(step))
+        weights[step] = copy.deepcopy(learner.model.state_dict())
+        seen[step] = learner.target_version
+        for name, t in learner.target.state_dict().items():
+            torch.testing.assert_close(t, weights[learner.target_version][name], rtol=0,
+                                       atol=0, msg=f"step {step}: {name}")
+    assert seen == {1: 0, 2: 0, 3: 0, 4: 2, 5: 2, 6: 4}
+    # Lag (steps - target_version) runs from one interval to just under two once the
+    # first snapshot has been used (today's copy of the current weights gave 0-1).
+    assert [s - v for s, v in seen.items() if s >= 4] == [2, 3, 2]
 
 
 class CodeRunningPayload:
