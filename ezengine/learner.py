@@ -92,7 +92,7 @@ class Learner:
 
     def _inputs(self, frames: np.ndarray, augment: bool) -> tuple[Tensor, Tensor]:
         """Model inputs from a batch's frame windows: at t [B, ...] and at t+1..t+K
-        [B*K, ...], images scaled to [0, 1] and (if `augment`) randomly shifted."""
+        [B, K, ...], images scaled to [0, 1] and (if `augment`) randomly shifted."""
         K = self.cfg.learner.unroll_steps
         t = torch.from_numpy(frames).to(self.device, non_blocking=True)
         b = t.shape[0]
@@ -103,7 +103,7 @@ class Learner:
             if augment:
                 x = augment_images(x)
         x = x.reshape(b, K + 1, *x.shape[1:])
-        return x[:, 0].contiguous(), x[:, 1:].reshape(b * K, *x.shape[2:])
+        return x[:, 0].contiguous(), x[:, 1:]
 
     def losses(self, batch: TrainingBatch) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Per-sample loss [B] (before PER weights), its parts (batch means) and the
@@ -122,8 +122,10 @@ class Learner:
         m = torch.from_numpy(batch.masks).to(dev)
 
         with torch.no_grad():  # target branch of the consistency loss: stop-gradient
-            target_proj = model.project(model.represent(next_obs), with_head=False)
-            target_proj = target_proj.float().reshape(b, K, -1)
+            # Each step's observations are encoded as a batch of their own, as in the
+            # reference: BatchNorm statistics per unroll step, not pooled over all K.
+            target_proj = [model.project(model.represent(next_obs[:, k].contiguous()),
+                                         with_head=False).float() for k in range(K)]
 
         latent = model.represent(obs)
         value_logits, policy_logits = model.predict(latent)
@@ -140,7 +142,7 @@ class Learner:
             mk = m[:, k]
             online_proj = model.project(latent, with_head=True).float()
             consistency = consistency + mk * -F.cosine_similarity(
-                online_proj, target_proj[:, k - 1], dim=-1)
+                online_proj, target_proj[k - 1], dim=-1)
             vp_loss = vp_loss + mk * cross_entropy(scalar_to_support(g[:, k - 1], S), vp_logits)
             value_loss = value_loss + mk * cross_entropy(scalar_to_support(z[:, k], S),
                                                          value_logits)

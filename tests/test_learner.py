@@ -182,6 +182,25 @@ def test_no_gradient_through_the_consistency_target_branch():
     assert diff > 1e-3
 
 
+def test_consistency_targets_are_encoded_one_unroll_step_at_a_time():
+    # BatchNorm statistics per step (spec 2.6): the target of step 1 must not depend on
+    # the observations at step 2. With steps 2.. masked, the consistency loss is step 1's
+    # alone; moving o_{t+2} far away must leave it unchanged (a pooled batch of B x K
+    # observations would shift step 1's normalisation).
+    cfg = make_cfg()
+    assert cfg.model.norm == "batch"
+    learner = make_learner(cfg)
+    learner.model.train()
+    batch = make_batch(3)
+    batch.masks[:, 2:] = 0.0
+    moved = copy.deepcopy(batch)
+    moved.frames[:, 2] += 50.0
+    _, parts, _ = learner.losses(batch)
+    _, parts_moved, _ = learner.losses(moved)
+    assert parts["loss_consistency"] != 0
+    torch.testing.assert_close(parts_moved["loss_consistency"], parts["loss_consistency"])
+
+
 def test_masked_steps_contribute_nothing():
     learner = make_learner(make_cfg())
     learner.model.eval()  # train-mode BN would couple samples through batch statistics
@@ -298,13 +317,13 @@ def test_learner_augments_only_image_observations():
     x = np.random.default_rng(0).normal(size=(2, K + 1, OBS)).astype(np.float32)
     obs, next_obs = learner._inputs(x, augment=True)
     torch.testing.assert_close(obs, torch.from_numpy(x[:, 0]))
-    torch.testing.assert_close(next_obs, torch.from_numpy(x[:, 1:].reshape(2 * K, OBS)))
+    torch.testing.assert_close(next_obs, torch.from_numpy(x[:, 1:]))
     # Images, frame stack 2: input k stacks frames k and k + 1, scaled to [0, 1].
     img = np.random.default_rng(0).integers(0, 256, size=(2, K + 2, 3, 8, 8), dtype=np.uint8)
     obs, next_obs = learner._inputs(img, augment=False)
     scaled = torch.from_numpy(img).float() / 255.0
     torch.testing.assert_close(obs, scaled[:, 0:2].reshape(2, 6, 8, 8))
-    torch.testing.assert_close(next_obs.reshape(2, K, 6, 8, 8)[:, K - 1],
+    torch.testing.assert_close(next_obs[:, K - 1],
                                scaled[:, K:K + 2].reshape(2, 6, 8, 8))
 
 
