@@ -48,7 +48,7 @@ from ezengine.learner import Learner
 from ezengine.metrics import Eta, MetricsWriter, drop_torn_rows
 from ezengine.model import EfficientZeroNet, build_model
 from ezengine.reanalyse import Reanalyser, TrainingBatch
-from ezengine.replay import ReplayBuffer
+from ezengine.replay import ReplayBuffer, initial_allocation
 from ezengine.rings import (
     CountersSpec,
     Ring,
@@ -396,14 +396,14 @@ class ReplayWorker:
         self.replay = ReplayBuffer(
             cfg.replay.capacity, spec.obs.shape, np.dtype(spec.obs.dtype),
             spec.obs.num_actions, num_writers=spec.num_collectors * n, alpha=cfg.replay.alpha,
-            frame_stack=cfg.env.frame_stack, lookahead=lc.unroll_steps + lc.td_steps)
+            frame_stack=cfg.env.frame_stack, lookahead=lc.unroll_steps + lc.td_steps,
+            initial_capacity=initial_allocation(cfg.run.env_steps, spec.num_collectors * n))
         self.env_steps = [0] * spec.num_collectors
         self.recent: deque[float] = deque(maxlen=20)
         if spec.resume:
-            for i in range(spec.num_collectors):
-                self.env_steps[i] = rebuild_from_log(
-                    self.replay, log_path(spec.run_dir, i), transition_layout(cfg, spec.obs),
-                    i * n, self.recent)
+            self.env_steps = rebuild_from_logs(
+                self.replay, [log_path(spec.run_dir, i) for i in range(spec.num_collectors)],
+                transition_layout(cfg, spec.obs), n, self.recent)
         self._publish_counts()
         self.reanalyser = Reanalyser(cfg, self.replay, spec.obs.num_actions,
                                      seed=cfg.run.seed + 1)
@@ -416,7 +416,7 @@ class ReplayWorker:
 
     def _publish_counts(self) -> None:
         self.counters["replay_env_steps"] = self.total_env_steps
-        self.counters["replay_positions"] = min(self.replay.head, self.replay.capacity)
+        self.counters["replay_positions"] = self.replay.size
 
     def ingest(self) -> bool:
         """Store at most one waiting record from each collector; whether any came."""
@@ -426,8 +426,7 @@ class ReplayWorker:
                 with self.rings[i].try_read() as rec:
                     if rec is None:
                         continue
-                    store_transition(self.replay, rec, writer_offset=i * self.n)
-                    self.env_steps[i] = int(rec["env_steps"][0])
+                    ingest_record(self.replay, rec, i, self.env_steps, self.n)
                     games = finished_games(rec)
             except RingClosed:
                 self.open_rings.discard(i)
@@ -497,22 +496,43 @@ def run_reanalyse(spec: PipelineSpec) -> None:
             time.sleep(POLL_S)
 
 
-def rebuild_from_log(replay: ReplayBuffer, path: Path, layout: list, writer_offset: int,
-                     recent: deque[float]) -> int:
-    """Replay a collector's log into `replay`; close trajectories left open as cut (they
-    bootstrap from the last observation). Returns the collector's environment steps."""
-    records = TransitionLog(path, layout).read()
-    if len(records) == 0:
-        return 0
-    for rec in records:
-        store_transition(replay, rec, writer_offset)
+def ingest_record(replay: ReplayBuffer, record: Any, collector: int, env_steps: list[int],
+                  num_envs: int) -> None:
+    """Store one record of collector `collector` (its environments write as writers
+    collector * num_envs + e) and count its steps in `env_steps` (per collector). The
+    positions are stamped with the total over all collectors, this record included: ages
+    are measured against that total (spec 2.5), so a collector's own count would make new
+    data look old."""
+    env_steps[collector] = int(record["env_steps"][0])
+    store_transition(replay, record, collector * num_envs, sum(env_steps))
+
+
+def rebuild_from_logs(replay: ReplayBuffer, paths: list[Path], layout: list, num_envs: int,
+                      recent: deque[float]) -> list[int]:
+    """Replay the collectors' logs into `replay` together, stamped as live ingestion
+    stamps them, so a resumed run's ages match the original run's within the rings' lag.
+
+    Records are merged in the order they were most likely ingested: by their own
+    collector's env steps (collectors step at about the same rate), ties by collector
+    index. Trajectories left open are closed as cut (they bootstrap from the last
+    observation). Returns each collector's environment steps.
+    """
+    logs = [TransitionLog(path, layout).read() for path in paths]
+    who = np.concatenate([np.full(len(log), i) for i, log in enumerate(logs)])
+    index = np.concatenate([np.arange(len(log)) for log in logs])
+    steps = np.concatenate([log["env_steps"][:, 0] for log in logs])
+    env_steps = [0] * len(logs)
+    for k in np.lexsort((who, steps)):  # stable: each log stays in its own order
+        rec = logs[who[k]][index[k]]
+        ingest_record(replay, rec, int(who[k]), env_steps, num_envs)
         recent.extend(finished_games(rec))
-    last = records[-1]
-    open_envs = ~(last["terminated"] | last["truncated"])
-    steps = int(last["env_steps"][0])
-    for i in np.flatnonzero(open_envs):
-        replay.close(writer_offset + int(i), last["final_obs"][i], False, steps)
-    return steps
+    total = sum(env_steps)
+    for c, log in enumerate(logs):
+        if len(log):
+            last = log[-1]
+            for i in np.flatnonzero(~(last["terminated"] | last["truncated"])):
+                replay.close(c * num_envs + int(i), last["final_obs"][i], False, total)
+    return env_steps
 
 
 def reanalyse_in_learner(cfg: Config) -> bool:

@@ -1,0 +1,145 @@
+"""Sample ages in the pipeline (spec 2.5) with several collectors: the replay worker stamps
+what it ingests on the clock ages are measured with (the env steps of all collectors
+together), live and when a resumed run rebuilds its replay from the collectors' logs.
+
+In-process: real rings and counters, no child processes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ezengine import pipeline
+from ezengine.config import Config, config_to_dict
+from ezengine.pipeline import (
+    FLOAT_COUNTERS,
+    INT_COUNTERS,
+    Observation,
+    PipelineSpec,
+    ReplayWorker,
+    TransitionLog,
+    log_path,
+    transition_layout,
+)
+from ezengine.reanalyse import td_horizon
+from ezengine.rings import Ring, SharedCounters, SlotLayout, unlink_segments
+
+N = 4  # environments per collector
+OBS = Observation((4,), np.dtype(np.float32).str, 2)
+
+pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs Linux /dev/shm")
+
+
+def make_cfg() -> Config:
+    cfg = Config()
+    cfg.env.kind = "gym"
+    cfg.env.num_envs = N
+    cfg.env.frame_stack = 1
+    cfg.replay.capacity = 1000
+    cfg.learner.td_steps = 5
+    cfg.learner.off_policy_fraction = 0.3
+    cfg.run.env_steps = 100  # 30 env steps of age shorten the TD horizon by one
+    return cfg
+
+
+def record(cfg: Config, collector: int, j: int) -> dict[str, np.ndarray]:
+    """Collector `collector`'s j-th record (1-based); every 4th one truncates the episode
+    of environment `collector`, which finishes a game scored 100 * collector + j."""
+    rec = {name: np.zeros(shape, dtype) for name, shape, dtype in transition_layout(cfg, OBS)}
+    rec["frames"][...] = 1000 * collector + 10 * j + np.arange(N)[:, None]
+    rec["final_obs"][...] = rec["frames"] + 0.5
+    rec["actions"][...] = np.arange(N) % 2
+    rec["rewards"][...] = 1.0
+    rec["policies"][...] = 0.5
+    if j % 4 == 0:
+        rec["truncated"][collector] = rec["game_over"][collector] = True
+        rec["game_scores"][collector] = 100 * collector + j
+        rec["game_lengths"][collector] = 4
+    rec["env_steps"][0] = N * j
+    return rec
+
+
+def publish(ring: Ring, rec: dict[str, np.ndarray]) -> None:
+    with ring.write(timeout=1.0) as slot:
+        for name, value in rec.items():
+            slot[name][...] = value
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator:
+    """make(cfg, resume=False) -> (ReplayWorker for 2 collectors in tmp_path, its rings)."""
+    prefix = f"ezt-{os.getpid()}-{uuid.uuid4().hex[:6]}-"
+    created: list = []
+    attached_before = len(pipeline._ATTACHED)
+
+    def make(cfg: Config, resume: bool = False) -> tuple[ReplayWorker, list[Ring]]:
+        rings = [Ring.create(prefix, SlotLayout(transition_layout(cfg, OBS)), 4)
+                 for _ in range(2)]
+        counters = SharedCounters.create(prefix, ints=INT_COUNTERS, floats=FLOAT_COUNTERS)
+        created.extend([*rings, counters])
+        spec = PipelineSpec(config_to_dict(cfg), str(tmp_path), OBS, 2, resume,
+                            [r.spec for r in rings], None, None, counters.spec, None, None,
+                            None, [], [], prefix, os.getpid())
+        return ReplayWorker(spec, cfg, counters), rings
+
+    yield make
+    for block in pipeline._ATTACHED[attached_before:]:
+        block.detach()
+    del pipeline._ATTACHED[attached_before:]
+    for block in created:
+        block.unlink()
+    assert not unlink_segments(prefix), "leaked shared-memory segments"
+
+
+def test_the_newest_data_of_two_collectors_has_age_zero_and_the_full_td_horizon(workers):
+    cfg = make_cfg()
+    worker, rings = workers(cfg)
+    for j in range(1, 11):
+        for c in (0, 1):
+            publish(rings[c], record(cfg, c, j))
+        assert worker.ingest()
+    rp = worker.replay
+    assert worker.total_env_steps == 2 * 10 * N
+    # The last round (no episode ended in it) wrote the newest 2N positions. Their age, as
+    # Reanalyser.build computes it, is at most one record's worth of steps; a collector's
+    # own count (40) would make them look 40 steps old: one step off the TD horizon.
+    newest = np.arange(rp.head - 2 * N, rp.head)
+    age = worker.total_env_steps - rp.collected_at[rp.slot(newest)]
+    assert age.max() <= N
+    lc = cfg.learner
+    horizon = td_horizon(age, lc.td_steps, lc.off_policy_fraction, cfg.run.env_steps)
+    np.testing.assert_array_equal(horizon, lc.td_steps)
+    # Each position carries the total env steps at its ingestion: one clock for all.
+    stamps = rp.collected_at[:rp.head]
+    assert (np.diff(stamps) >= 0).all() and stamps[-1] == worker.total_env_steps
+
+
+def test_a_rebuild_from_two_collectors_logs_stamps_positions_like_live_ingestion(workers,
+                                                                                 tmp_path):
+    cfg = make_cfg()
+    live, rings = workers(cfg)
+    (tmp_path / "replay").mkdir()
+    logs = [TransitionLog(log_path(tmp_path, c), transition_layout(cfg, OBS)) for c in (0, 1)]
+    for j in range(1, 11):
+        for c in (0, 1):
+            rec = record(cfg, c, j)
+            logs[c].append(rec)  # as run_collector: logged, then published
+            publish(rings[c], rec)
+        assert live.ingest()
+    resumed, _ = workers(cfg, resume=True)
+    h = live.replay.head
+    assert resumed.env_steps == live.env_steps == [10 * N, 10 * N]
+    assert list(resumed.recent) == list(live.recent) == [4, 104, 8, 108]
+    # The same positions in the same order, with the same stamps.
+    np.testing.assert_array_equal(resumed.replay.frames[:h], live.replay.frames[:h])
+    np.testing.assert_array_equal(resumed.replay.collected_at[:h], live.replay.collected_at[:h])
+    # Every environment's trajectory was open at the stop: closed as cut, stamped now.
+    assert resumed.replay.head == h + 2 * N
+    cut = np.arange(h, h + 2 * N)
+    np.testing.assert_array_equal(resumed.replay.collected_at[cut], live.total_env_steps)
+    assert not resumed.replay.terminal[cut].any()
