@@ -69,6 +69,7 @@ from ezengine.scores import read_evaluations
 from ezengine.search import BatchedSearch, SearchResult
 from ezengine.trainer import (
     configure_torch,
+    paced_training_steps,
     resolve_device,
     total_training_steps,
     visit_temperature,
@@ -290,7 +291,7 @@ def run_collector(spec: PipelineSpec, index: int) -> None:
         warmup = collector.env_steps < warmup_share
         if not warmup:
             # Pacing: stay within one vector step of the replay ratio.
-            allowed = run.start_transitions + (counters["train_steps"] + 1) / run.replay_ratio
+            allowed = (counters["train_steps"] + 1) / run.replay_ratio
             if total >= allowed + n * spec.num_collectors:
                 time.sleep(POLL_S)
                 continue
@@ -439,15 +440,11 @@ class ReplayWorker:
                 self.counters["recent_return"] = float(np.mean(self.recent))
         return busy
 
-    def batches_allowed(self) -> float:
+    def batches_allowed(self) -> int:
         """Training batches the replay ratio allows at the current environment steps."""
-        run = self.cfg.run
-        total = self.total_env_steps
-        if total < run.start_transitions or self.replay.num_sampleable == 0:
+        if self.replay.num_sampleable == 0:
             return 0
-        if total >= run.env_steps:
-            return self.total_train
-        return min(run.replay_ratio * (total - run.start_transitions), self.total_train)
+        return paced_training_steps(self.cfg, self.total_env_steps)
 
     def build(self, target: EfficientZeroNet, target_version: int) -> TrainingBatch:
         """Sample (beta annealed over training) and reanalyse one training batch."""

@@ -4,9 +4,10 @@ This is the debugging and profiling mode (``ezengine train --serial``); the mult
 pipeline runs the same pieces (Collector, Reanalyser, Learner) in separate processes.
 
 Pacing: after `run.start_transitions` steps of uniformly random play, training steps are
-interleaved with collection so that training steps = replay_ratio * (env steps -
-start_transitions); after the environment-step budget, `run.extra_training_steps` more
-training steps run without new data.
+interleaved with collection so that training steps = replay_ratio * env steps (the first
+replay_ratio * start_transitions of them train on the random play, as in the reference);
+after the environment-step budget, `run.extra_training_steps` more training steps run
+without new data.
 
 The run directory holds ``config.yaml`` (the resolved config), ``checkpoints/latest.pt``,
 ``metrics.jsonl`` (one row per log interval), ``eval.jsonl`` (one row per evaluation) and
@@ -34,7 +35,7 @@ from ezengine.learner import Learner
 from ezengine.metrics import Eta, MetricsWriter
 from ezengine.model import build_model
 from ezengine.reanalyse import Reanalyser
-from ezengine.replay import ReplayBuffer
+from ezengine.replay import ReplayBuffer, initial_allocation
 from ezengine.search import BatchedSearch
 
 
@@ -63,10 +64,20 @@ def visit_temperature(cfg: Config, env_steps: int) -> float:
     return cfg.run.visit_temperatures[passed]
 
 
+def paced_training_steps(cfg: Config, env_steps: int) -> int:
+    """Training steps allowed once `env_steps` environment steps are collected:
+    replay_ratio * env_steps from the end of the random warm-up on (the warm-up's share
+    included), then the extra ones once the budget is collected (spec: 100k + 20k)."""
+    run = cfg.run
+    if env_steps < run.start_transitions:
+        return 0
+    paced = int(run.replay_ratio * min(env_steps, run.env_steps))
+    return paced + (run.extra_training_steps if env_steps >= run.env_steps else 0)
+
+
 def total_training_steps(cfg: Config) -> int:
     """Training steps of a whole run: paced ones during collection plus the extra ones."""
-    paced = cfg.run.replay_ratio * max(cfg.run.env_steps - cfg.run.start_transitions, 0)
-    return int(paced) + cfg.run.extra_training_steps
+    return paced_training_steps(cfg, cfg.run.env_steps)
 
 
 class SerialTrainer:
@@ -97,7 +108,8 @@ class SerialTrainer:
         self.replay = ReplayBuffer(
             cfg.replay.capacity, self.envs.observation_shape, self.envs.observation_dtype, a,
             num_writers=self.envs.num_envs, alpha=cfg.replay.alpha,
-            frame_stack=cfg.env.frame_stack, lookahead=lc.unroll_steps + lc.td_steps)
+            frame_stack=cfg.env.frame_stack, lookahead=lc.unroll_steps + lc.td_steps,
+            initial_capacity=initial_allocation(cfg.run.env_steps, self.envs.num_envs))
         search = BatchedSearch(cfg.search, a, lc.discount, lc.value_prefix_horizon, seed=seed)
         self.collector = Collector(self.envs, search, clip_rewards=cfg.env.clip_rewards,
                                    frame_stack=cfg.env.frame_stack, seed=seed)
@@ -112,13 +124,9 @@ class SerialTrainer:
 
     def training_due(self) -> bool:
         """Whether the pacing rule asks for a training step before more collection."""
-        run = self.cfg.run
-        env_steps = self.collector.env_steps
-        if env_steps < run.start_transitions or self.replay.num_sampleable == 0:
+        if self.replay.num_sampleable == 0:
             return False
-        if env_steps >= run.env_steps:
-            return self.learner.steps < self.total_train_steps
-        return self.learner.steps < run.replay_ratio * (env_steps - run.start_transitions)
+        return self.learner.steps < paced_training_steps(self.cfg, self.collector.env_steps)
 
     def collect(self) -> None:
         """One step of every training environment."""
@@ -219,7 +227,7 @@ class SerialTrainer:
             "train_steps_per_s": round(train_steps / seconds, 2),
             "recent_return": (float(np.mean(self.recent_returns)) if self.recent_returns
                               else None),
-            "replay_positions": min(self.replay.head, self.replay.capacity),
+            "replay_positions": self.replay.size,
         }
         if metrics:
             for key in metrics[0]:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV_STEPS = 1200
 START = 400
 RATIO = 0.5
-TRAIN_STEPS = int(RATIO * (ENV_STEPS - START))  # paced steps, no extra ones: 400
+TRAIN_STEPS = int(RATIO * ENV_STEPS)  # paced steps (the warm-up's share included), no extra: 600
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
