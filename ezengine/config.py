@@ -150,7 +150,10 @@ class SearchConfig:
 class ReplayConfig:
     """Prioritised replay (spec 2.7)."""
 
-    capacity: int = _f(100_000, "replay capacity in transitions", _POSITIVE)
+    capacity: int = _f(0, "positions kept (transitions plus one final observation per "
+                       "trajectory): 0 keeps every one (spec section 3, decision 4), a "
+                       "positive value only the newest that many (>= 2), overwriting the "
+                       "oldest", _NON_NEGATIVE)
     alpha: float = _f(0.6, "priority exponent", _NON_NEGATIVE)
     beta_start: float = _f(0.4, "importance-weight exponent at the start of training", _UNIT)
     beta_end: float = _f(1.0, "importance-weight exponent at the end of training", _UNIT)

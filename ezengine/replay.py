@@ -8,11 +8,13 @@ and records whether the episode really terminated there (else it was truncated o
 values bootstrap from it).
 
 Positions are numbered globally in write order and live in slot ``g % capacity`` of flat
-arrays; when the buffer wraps, the oldest positions are overwritten. Several environments
-write interleaved, so a trajectory's positions are linked by ``pred``/``succ`` global indices
-rather than being contiguous. A position becomes sampleable once ``lookahead`` successors
-exist (every target it needs is stored) or its trajectory has ended; it then enters the
-sum-tree at the highest priority currently stored.
+arrays. By default every position is kept (spec section 3, decision 4): the arrays grow
+when full, so ``capacity`` never falls behind the positions written and slot ``g`` is
+``g``. With a fixed capacity the buffer wraps instead, overwriting the oldest positions.
+Several environments write interleaved, so a trajectory's positions are linked by
+``pred``/``succ`` global indices rather than being contiguous. A position becomes
+sampleable once ``lookahead`` successors exist (every target it needs is stored) or its
+trajectory has ended; it then enters the sum-tree at the highest priority currently stored.
 """
 
 from __future__ import annotations
@@ -34,12 +36,28 @@ class SampledPositions:
     weights: np.ndarray
 
 
+# Every per-position array of a ReplayBuffer, with the value of a slot not yet written.
+_PER_POSITION = {"frames": 0, "actions": -1, "rewards": 0, "root_values": 0, "policies": 0,
+                 "collected_at": 0, "terminal": 0, "global_index": -1, "pred": -1, "succ": -1}
+
+
+def initial_allocation(env_steps: int, num_writers: int) -> int:
+    """Positions to allocate up front for a run of `env_steps` environment steps, so that
+    a typical run never regrows: one per transition, an eighth more for the final
+    observations (trajectories of 8 steps or more on average), and one per writer for the
+    collectors' last, rounded-up steps."""
+    return env_steps + env_steps // 8 + num_writers
+
+
 class ReplayBuffer:
-    """Fixed-capacity trajectory storage with a priority sum-tree.
+    """Trajectory storage with a priority sum-tree; keeps every position, or a window.
 
     Args:
-        capacity: number of positions kept (transitions plus one final observation per
-            trajectory); the oldest are overwritten when full.
+        capacity: 0 or None keeps every position (the arrays grow as needed); a positive
+            value keeps only the newest `capacity` positions (transitions plus one final
+            observation per trajectory), overwriting the oldest.
+        initial_capacity: positions allocated up front when growing (see
+            `initial_allocation`); each growth enlarges the arrays by half.
         frame_shape, frame_dtype: one observation frame, e.g. (3, 96, 96) uint8 or (4,) float32.
         num_actions: A, the width of stored visit distributions.
         num_writers: independent streams (environments) that append interleaved.
@@ -48,12 +66,20 @@ class ReplayBuffer:
         lookahead: successors a position needs before it is sampleable (unroll + TD steps).
     """
 
-    def __init__(self, capacity: int, frame_shape: tuple[int, ...], frame_dtype: np.dtype,
-                 num_actions: int, *, num_writers: int, alpha: float, frame_stack: int,
-                 lookahead: int) -> None:
-        if capacity < 2:
+    GROWTH = 1.5  # factor by which a growing buffer enlarges its arrays
+
+    def __init__(self, capacity: int | None, frame_shape: tuple[int, ...],
+                 frame_dtype: np.dtype, num_actions: int, *, num_writers: int, alpha: float,
+                 frame_stack: int, lookahead: int, initial_capacity: int = 1024) -> None:
+        self.grows = not capacity
+        if self.grows:
+            if initial_capacity < 2:
+                raise ValueError(
+                    f"initial replay capacity must be >= 2, got {initial_capacity}")
+            capacity = initial_capacity
+        elif capacity < 2:
             raise ValueError(f"replay capacity must be >= 2, got {capacity}")
-        self.capacity = capacity
+        self.capacity = capacity  # slots allocated (grows with the buffer when growing)
         self.frame_shape = tuple(frame_shape)
         self.num_actions = num_actions
         self.frame_stack = frame_stack
@@ -76,9 +102,25 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------ writing
 
+    def _grow(self) -> None:
+        """Enlarge every per-position array and the sum-tree by GROWTH. Slots, contents and
+        stored priorities stay as they are; the new slots are empty."""
+        old, new = self.capacity, int(self.capacity * self.GROWTH)
+        for name, empty in _PER_POSITION.items():
+            a = getattr(self, name)
+            grown = np.zeros((new, *a.shape[1:]), dtype=a.dtype)  # untouched pages stay free
+            grown[:old] = a
+            if empty:
+                grown[old:] = empty
+            setattr(self, name, grown)
+        self.tree.grow(new)
+        self.capacity = new
+
     def _write(self, writer: int, frame: np.ndarray, action: int, reward: float,
                root_value: float, policy: np.ndarray | None, env_step: int) -> int:
         g = self.head
+        if g == self.capacity and self.grows:  # full: grow, or (fixed capacity) wrap
+            self._grow()
         slot = g % self.capacity
         # Overwriting the oldest position: it must never be sampled again.
         if g >= self.capacity and self.tree.get(np.array([slot]))[0] > 0:
@@ -143,6 +185,11 @@ class ReplayBuffer:
             self.num_sampleable += live.size
 
     # ------------------------------------------------------------------ reading
+
+    @property
+    def size(self) -> int:
+        """Positions stored now: every one written when growing, else at most the capacity."""
+        return min(self.head, self.capacity)
 
     def alive(self, g: int | np.ndarray) -> bool | np.ndarray:
         """Whether global position(s) `g` are still stored."""

@@ -137,6 +137,31 @@ cdef class SumTree:
             for i in range(n):
                 self._set_leaf(iv[i] + self.leaves, 0.0, INFINITY, 0.0)
 
+    def grow(self, int64_t capacity):
+        """Enlarge to `capacity` items; the new items are unset, and every stored p**alpha
+        (sum, min and max alike) is carried over exactly, not recomputed from p."""
+        if capacity < self.capacity:
+            raise ValueError(f"cannot shrink from {self.capacity} to {capacity} items")
+        cdef int64_t leaves = self.leaves, lo
+        while leaves < capacity:
+            leaves *= 2
+        arrays = []
+        for old, fill in ((np.asarray(self.sums), 0.0), (np.asarray(self.mins), np.inf),
+                          (np.asarray(self.maxs), 0.0)):
+            new = np.full(2 * leaves, fill, dtype=np.float64)
+            new[leaves:leaves + self.capacity] = old[self.leaves:self.leaves + self.capacity]
+            arrays.append(new)
+        sums, mins, maxs = arrays
+        # Parents from their children, level by level (as _set_leaf computes them).
+        lo = leaves // 2
+        while lo >= 1:
+            sums[lo:2 * lo] = sums[2 * lo:4 * lo:2] + sums[2 * lo + 1:4 * lo:2]
+            mins[lo:2 * lo] = np.minimum(mins[2 * lo:4 * lo:2], mins[2 * lo + 1:4 * lo:2])
+            maxs[lo:2 * lo] = np.maximum(maxs[2 * lo:4 * lo:2], maxs[2 * lo + 1:4 * lo:2])
+            lo //= 2
+        self.sums, self.mins, self.maxs = sums, mins, maxs
+        self.leaves, self.capacity = leaves, capacity
+
     def get(self, indices):
         """float64 [n]: stored p**alpha of items `indices`."""
         idx = self._indices(indices)

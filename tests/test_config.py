@@ -56,7 +56,7 @@ def test_defaults_are_the_papers_atari_settings() -> None:
     assert (c.search.dirichlet_alpha, c.search.exploration_fraction) == (0.3, 0.25)
     assert c.search.value_delta_floor == 0.01
 
-    assert c.replay.capacity == 100_000
+    assert c.replay.capacity == 0  # keep every position (spec section 3, decision 4)
     assert (c.replay.alpha, c.replay.beta_start, c.replay.beta_end) == (0.6, 0.4, 1.0)
     assert c.replay.priority_eps == 1e-6
 
@@ -192,6 +192,7 @@ def test_gym_config(tmp_path: Path) -> None:
          "[0, 1]"),
         ("learner:\n  augmentation: 1\n", "learner.augmentation", "1", "bool"),
         ("search:\n  num_simulations: -5\n", "search.num_simulations", "-5", "int > 0"),
+        ("replay:\n  capacity: -1\n", "replay.capacity", "-1", "int >= 0"),
         ("search:\n  exploration_fraction: -0.1\n", "search.exploration_fraction", "-0.1",
          "[0, 1]"),
         ("env:\n  kind: mujoco\n", "env.kind", "'mujoco'", "'atari', 'gym'"),

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from ezengine.collector import Collector, store_transition
+from ezengine.config import Config
 from ezengine.envs import VectorStep
-from ezengine.replay import ReplayBuffer
+from ezengine.replay import ReplayBuffer, initial_allocation
 
 A = 3  # actions
 UNIFORM = np.full(A, 1.0 / A, dtype=np.float32)
@@ -210,6 +211,7 @@ def test_wraparound_never_samples_overwritten_positions():
             assert set(s.positions.tolist()) <= alive_sampleable
             assert (s.positions >= rb.head - cap).all()
     assert rb.head > 5 * cap  # it wrapped several times
+    assert rb.size == cap
 
 
 def test_chain_crossing_the_physical_end_of_the_arrays():
@@ -241,6 +243,99 @@ def test_no_self_link_when_a_writers_previous_position_was_just_overwritten():
     put(rb, 1, 1)   # g1, slot 1
     g2 = put(rb, 0, 2)  # g2 overwrites slot 0, which held writer 0's previous position g0
     assert rb.successors(np.array([g2]))[0] == -1
+
+
+# --------------------------------------------------------------------------- growth
+
+
+def test_capacity_zero_grows_and_keeps_every_position():
+    # Three writers in random order, trajectories of about 3 steps, random priority updates;
+    # the arrays start at 8 slots and grow many times. A fixed buffer too large to wrap sees
+    # the same writes and is the reference.
+    rng = np.random.default_rng(3)
+    kw = {"num_writers": 3, "alpha": 0.6, "frame_stack": 3, "lookahead": 2}
+    rb = ReplayBuffer(0, (2,), np.float32, A, initial_capacity=8, **kw)
+    ref = ReplayBuffer(10_000, (2,), np.float32, A, **kw)
+    open_: list[list[int]] = [[], [], []]  # each writer's open trajectory, global indices
+    done: list[list[int]] = []
+    growths = 0
+    for step in range(1500):
+        w = int(rng.integers(3))
+        g, cap, before = rb.head, rb.capacity, rb.tree.get(np.arange(rb.capacity))
+        if open_[w] and rng.random() < 0.3:
+            terminated = bool(rng.random() < 0.5)
+            for b in (rb, ref):
+                b.close(w, frame(g), terminated, step)
+            done.append(open_[w] + [g])
+            open_[w] = []
+        else:
+            action = int(rng.integers(A))
+            for b in (rb, ref):
+                b.append(w, frame(g), action, float(step), 0.0, UNIFORM, step)
+            open_[w].append(g)
+        if rb.capacity > cap:  # this write grew the arrays
+            growths += 1
+            after = rb.tree.get(np.arange(cap))
+            set_before = before > 0  # the only other change: new entries at the top priority
+            np.testing.assert_array_equal(after[set_before], before[set_before])
+        if step % 50 == 49:
+            s = ref.sample(16, 1.0, rng)
+            priorities = rng.uniform(0.1, 10.0, 16)
+            for b in (rb, ref):
+                b.update_priorities(s.positions, priorities)
+    for w in range(3):  # cut the open trajectories
+        if open_[w]:
+            g = rb.head
+            done.append(open_[w] + [g])
+            for b in (rb, ref):
+                b.close(w, frame(g), False, 1500)
+    assert growths >= 8 and rb.capacity >= rb.head > 180 * 8
+
+    g = np.arange(rb.head)
+    assert rb.size == rb.head and rb.alive(g).all()
+    np.testing.assert_array_equal(rb.slot(g), g)
+    np.testing.assert_array_equal(rb.global_index[g], g)
+    np.testing.assert_array_equal(rb.frames[g, 0], g)  # every frame is tagged with its index
+    for name in ("frames", "actions", "rewards", "root_values", "policies", "collected_at",
+                 "terminal", "pred", "succ"):
+        np.testing.assert_array_equal(getattr(rb, name)[g], getattr(ref, name)[g], name)
+    for traj in done:
+        np.testing.assert_array_equal(rb.unroll_positions(np.array([traj[0]]), len(traj))[0],
+                                      [*traj, -1])
+    np.testing.assert_array_equal(rb.stacked_frames(g), ref.stacked_frames(g))
+    np.testing.assert_array_equal(rb.tree.get(g), ref.tree.get(g))
+    assert rb.tree.total == pytest.approx(ref.tree.total, rel=1e-12)
+    assert rb.num_sampleable == ref.num_sampleable == sum(len(t) - 1 for t in done)
+    sampled = rb.sample(4000, 1.0, rng).positions
+    assert (rb.tree.get(sampled) > 0).all() and (rb.actions[sampled] >= 0).all()
+    assert sampled.min() < 8  # positions from before the first growth are still drawn
+
+
+def test_default_config_keeps_every_transition_of_a_budget():
+    # Spec section 3, decision 4: keep every transition. The default budget in 3-step
+    # trajectories is 4/3 as many positions (one final observation per trajectory); a buffer
+    # the size of the budget would have overwritten the oldest of them.
+    cfg = Config()
+    n, lc = cfg.env.num_envs, cfg.learner
+    rb = ReplayBuffer(  # as the trainer builds it
+        cfg.replay.capacity, (2,), np.float32, A, num_writers=n, alpha=cfg.replay.alpha,
+        frame_stack=cfg.env.frame_stack, lookahead=lc.unroll_steps + lc.td_steps,
+        initial_capacity=initial_allocation(cfg.run.env_steps, n))
+    transitions = []
+    for step in range(cfg.run.env_steps // n):
+        for w in range(n):
+            transitions.append(put(rb, w, len(transitions), env_step=step * n))
+            if (step + w) % 3 == 2:
+                end(rb, w, -1.0, terminated=False)
+    for w in range(n):
+        if rb._last[w] >= 0:
+            end(rb, w, -1.0, terminated=False)
+    t = np.array(transitions)
+    assert t.size == cfg.run.env_steps and rb.head > 1.3 * cfg.run.env_steps
+    assert rb.size == rb.head and rb.alive(t).all()
+    np.testing.assert_array_equal(rb.frames[rb.slot(t), 0], np.arange(t.size))
+    assert (rb.actions[rb.slot(t)] == 0).all()
+    assert rb.num_sampleable == cfg.run.env_steps
 
 
 # --------------------------------------------------------------------------- priorities

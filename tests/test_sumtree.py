@@ -89,3 +89,26 @@ def test_uniforms_out_of_range():
     tree.update(np.array([1]), np.array([1.0]))
     with pytest.raises(ValueError, match="uniforms"):
         tree.sample(np.array([1.0]))
+
+
+def test_grow_carries_every_stored_value_over_exactly():
+    tree, fresh = SumTree(5, alpha=0.6), SumTree(100, alpha=0.6)
+    for t in (tree, fresh):
+        t.update(np.array([0, 1, 2, 4]), np.array([3.0, 1e-3, 7.0, 0.5]))
+        t.clear(np.array([2]))
+    before = tree.get(np.arange(5))
+    tree.grow(13)
+    tree.grow(100)
+    assert tree.capacity == 100
+    # p**alpha is copied, not recomputed from p, so nothing moves by a rounding step.
+    np.testing.assert_array_equal(tree.get(np.arange(5)), before)
+    np.testing.assert_array_equal(tree.get(np.arange(100)), fresh.get(np.arange(100)))
+    assert (tree.total, tree.min, tree.max_priority) == (
+        fresh.total, fresh.min, fresh.max_priority)
+    tree.update(np.array([99]), np.array([5.0]))  # the new items work like the old ones
+    fresh.update(np.array([99]), np.array([5.0]))
+    assert tree.total == fresh.total
+    u = np.random.default_rng(0).random(64)
+    np.testing.assert_array_equal(tree.sample(u)[0], fresh.sample(u)[0])
+    with pytest.raises(ValueError, match="shrink"):
+        tree.grow(50)
