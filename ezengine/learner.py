@@ -183,7 +183,11 @@ class Learner:
         priorities = ((values0 - z0).abs() + self.cfg.replay.priority_eps).double().cpu().numpy()
         metrics = {name: float(v.detach()) for name, v in parts.items()}
         metrics.update(loss=float(loss.detach()), lr=lr, grad_norm=float(grad_norm),
-                       target_lag=self.steps - batch.target_version)
+                       target_lag=self.steps - batch.target_version,
+                       # What a failing run is read from: PER weights, values, targets.
+                       is_weight_mean=float(batch.weights.mean()),
+                       value_mean=float(values0.mean()), value_target_mean=float(z0.mean()),
+                       priority_mean=float(priorities.mean()))
         return metrics, priorities
 
     def update_target(self) -> None:

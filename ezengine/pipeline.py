@@ -89,7 +89,11 @@ INT_COUNTERS = ("stop", "replay_env_steps", "replay_positions", "train_steps",
                 "target_version", "batches", "games", "learner_done", "eval_done",
                 "eval_request")
 FLOAT_COUNTERS = ("recent_return", "loss", "loss_value", "loss_policy", "loss_value_prefix",
-                  "loss_consistency", "learner_wait_s", "target_lag")
+                  "loss_consistency", "learner_wait_s", "target_lag", "is_weight_mean",
+                  "value_mean", "value_target_mean", "priority_mean")
+# Learner metrics copied into every progress row of metrics.jsonl.
+LEARNER_METRICS = ("target_lag", "is_weight_mean", "value_mean", "value_target_mean",
+                   "priority_mean")
 
 
 @dataclass
@@ -1029,7 +1033,7 @@ class PipelineTrainer:
                "target_version": snap["target_version"],
                "replay_positions": snap["replay_positions"],
                **{k: snap[k] for k in FLOAT_COUNTERS if k.startswith("loss")},
-               "target_lag": snap["target_lag"]}
+               **{k: snap[k] for k in LEARNER_METRICS}}
         self.metrics.progress(row)
         ret = "-" if row["recent_return"] is None else f"{row['recent_return']:.1f}"
         self.echo(f"env {row['env_steps']:,}/{self.cfg.run.env_steps:,} | train "

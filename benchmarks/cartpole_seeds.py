@@ -1,0 +1,126 @@
+"""CartPole learning over seeds and machine conditions: runs the real `ezengine train`
+one run at a time, scores each run with `ezengine eval --episodes 20`, and appends one JSON
+line per run to the output file (so a long study can be stopped and continued).
+
+    python benchmarks/cartpole_seeds.py --out docs/cartpole_seeds.jsonl \
+        [--seeds 0 1 2 3 4] [--modes pipeline one-core neighbour serial] [--set KEY=VALUE ...]
+
+Modes: `pipeline` (the default run, alone on the machine), `one-core` (the pipeline confined
+to CPU 0 with `taskset -c 0`), `neighbour` (the pipeline beside a process that keeps one
+core busy), `serial` (`--serial`, alone). A run already in the output file (same seed, mode
+and overrides) is skipped. `--table` prints the file as a Markdown table instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EZ = [sys.executable, "-c", "from ezengine.cli import main; main()"]
+MODES = ("pipeline", "one-core", "neighbour", "serial")
+BUSY_LOOP = "while True: pass"
+
+
+def train_command(mode: str, seed: int, run_dir: Path, overrides: list[str]) -> list[str]:
+    cmd = [*EZ, "train", "configs/cartpole.yaml", "--seed", str(seed), "--run-dir",
+           str(run_dir)]
+    for item in overrides:
+        cmd += ["--set", item]
+    if mode == "serial":
+        cmd.append("--serial")
+    if mode == "one-core":
+        cmd = ["taskset", "-c", "0", *cmd]
+    return cmd
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def one_run(mode: str, seed: int, overrides: list[str]) -> dict:
+    """Train, then score with `ezengine eval --episodes 20`; the run's own record."""
+    with tempfile.TemporaryDirectory(prefix="cartpole-") as tmp:
+        run_dir = Path(tmp) / "run"
+        neighbour = (subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+                     if mode == "neighbour" else None)
+        try:
+            t0 = time.perf_counter()
+            proc = subprocess.run(train_command(mode, seed, run_dir, overrides), cwd=ROOT,
+                                  capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+        finally:
+            if neighbour is not None:
+                neighbour.kill()
+                neighbour.wait()
+        if proc.returncode != 0:
+            return {"error": proc.stdout[-2000:] + proc.stderr[-2000:]}
+        done = re.search(r"done in (\d+)s", proc.stdout)
+        evals = read_jsonl(run_dir / "eval.jsonl")
+        scored = subprocess.run([*EZ, "eval", str(run_dir), "--episodes", "20", "--seed", "7",
+                                 "--out", str(run_dir / "score.json")], cwd=ROOT,
+                                capture_output=True, text=True)
+        score = json.loads((run_dir / "score.json").read_text()) if scored.returncode == 0 \
+            else {"error": scored.stderr[-2000:]}
+        first = next((e for e in evals if e["mean_return"] >= 475), None)
+        return {
+            "done_in_s": int(done.group(1)) if done else None,
+            "wall_s": round(wall, 1),
+            "evals": [[e["env_steps"], round(e["mean_return"], 1)] for e in evals],
+            "first_475_env_steps": first["env_steps"] if first else None,
+            "final_eval": round(evals[-1]["mean_return"], 2) if evals else None,
+            "eval_20": round(score.get("mean_return", float("nan")), 2),
+            "eval_20_at_500": sum(r >= 500 for r in score.get("returns", [])),
+        }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| mode | seed | evaluations (env steps: mean return) | final | `eval --episodes 20` "
+             "| first >= 475 | done in |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['seed']} | error | | | | |")
+            continue
+        ev = " / ".join(f"{s // 1000}k: {v:g}" for s, v in r["evals"][:-1])
+        first = f"{r['first_475_env_steps']:,}" if r["first_475_env_steps"] else "never"
+        lines.append(f"| {r['mode']} | {r['seed']} | {ev} | {r['final_eval']:g} | "
+                     f"**{r['eval_20']:g}** ({r['eval_20_at_500']}/20 at 500) | {first} | "
+                     f"{r['done_in_s']} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE")
+    parser.add_argument("--table", action="store_true", help="print the file as Markdown")
+    args = parser.parse_args()
+    if args.table:
+        print(table(read_jsonl(args.out)))
+        return
+    done = {(r["mode"], r["seed"], tuple(r["overrides"])) for r in read_jsonl(args.out)}
+    for mode in args.modes:
+        for seed in args.seeds:
+            if (mode, seed, tuple(args.overrides)) in done:
+                continue
+            row = {"mode": mode, "seed": seed, "overrides": args.overrides,
+                   "load_before": open("/proc/loadavg").read().split()[0],
+                   **one_run(mode, seed, args.overrides)}
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
