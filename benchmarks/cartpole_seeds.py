@@ -4,6 +4,7 @@ line per run to the output file (so a long study can be stopped and continued).
 
     python benchmarks/cartpole_seeds.py --out docs/cartpole_seeds.jsonl \
         [--seeds 0 1 2 3 4] [--modes pipeline one-core neighbour serial] [--set KEY=VALUE ...]
+        [--keep RUNS_DIR]
 
 Modes: `pipeline` (the default run, alone on the machine), `one-core` (the pipeline confined
 to CPU 0 with `taskset -c 0`), `neighbour` (the pipeline beside a process that keeps one
@@ -46,10 +47,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def one_run(mode: str, seed: int, overrides: list[str]) -> dict:
-    """Train, then score with `ezengine eval --episodes 20`; the run's own record."""
+def one_run(mode: str, seed: int, overrides: list[str], keep: Path | None) -> dict:
+    """Train, then score with `ezengine eval --episodes 20`; the run's own record. The run
+    directory is kept under `keep` (if given) for a closer look."""
     with tempfile.TemporaryDirectory(prefix="cartpole-") as tmp:
-        run_dir = Path(tmp) / "run"
+        name = "-".join([mode, f"seed{seed}", *overrides]).replace("/", "_")
+        run_dir = (keep / name) if keep else Path(tmp) / "run"
         neighbour = (subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
                      if mode == "neighbour" else None)
         try:
@@ -86,12 +89,13 @@ def table(rows: list[dict]) -> str:
     lines = ["| mode | seed | evaluations (env steps: mean return) | final | `eval --episodes 20` "
              "| first >= 475 | done in |", "|---|---|---|---|---|---|---|"]
     for r in rows:
+        mode = " ".join([r["mode"], *(f"`{o}`" for o in r["overrides"])])
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['seed']} | error | | | | |")
+            lines.append(f"| {mode} | {r['seed']} | error | | | | |")
             continue
         ev = " / ".join(f"{s // 1000}k: {v:g}" for s, v in r["evals"][:-1])
         first = f"{r['first_475_env_steps']:,}" if r["first_475_env_steps"] else "never"
-        lines.append(f"| {r['mode']} | {r['seed']} | {ev} | {r['final_eval']:g} | "
+        lines.append(f"| {mode} | {r['seed']} | {ev} | {r['final_eval']:g} | "
                      f"**{r['eval_20']:g}** ({r['eval_20_at_500']}/20 at 500) | {first} | "
                      f"{r['done_in_s']} s |")
     return "\n".join(lines)
@@ -104,6 +108,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep each run directory under this folder")
     parser.add_argument("--table", action="store_true", help="print the file as Markdown")
     args = parser.parse_args()
     if args.table:
@@ -116,7 +122,7 @@ def main() -> None:
                 continue
             row = {"mode": mode, "seed": seed, "overrides": args.overrides,
                    "load_before": open("/proc/loadavg").read().split()[0],
-                   **one_run(mode, seed, args.overrides)}
+                   **one_run(mode, seed, args.overrides, args.keep)}
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
