@@ -216,6 +216,7 @@ class Learner:
         self.scaler.load_state_dict(state["scaler"])
         self.steps = int(state["steps"])
         self.target_version = int(state["target_version"])
-        self.snapshot = copy.deepcopy(state["snapshot"])
-        self.snapshot_version = int(state["snapshot_version"])
+        # Checkpoints written before the snapshot existed resume with the target as it.
+        self.snapshot = copy.deepcopy(state.get("snapshot", state["target"]))
+        self.snapshot_version = int(state.get("snapshot_version", self.target_version))
         torch.set_rng_state(state["torch_rng"].cpu())

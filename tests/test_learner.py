@@ -387,6 +387,20 @@ def test_target_model_lags_one_to_two_refresh_intervals():
     assert [s - v for s, v in seen.items() if s >= 4] == [2, 3, 2]
 
 
+def test_a_checkpoint_without_a_target_snapshot_resumes_with_the_target_as_it():
+    cfg = make_cfg(lr_warmup_steps=0, target_update_interval=2)
+    learner = make_learner(cfg)
+    for i in range(4):
+        learner.train_step(make_batch(i))
+    state = learner.state_dict()
+    del state["snapshot"], state["snapshot_version"]  # as written before the lag fix
+    other = make_learner(cfg, seed=3)
+    other.load_state_dict(state)
+    assert other.snapshot_version == other.target_version == 2
+    for name, t in other.target.state_dict().items():
+        torch.testing.assert_close(other.snapshot[name], t, rtol=0, atol=0)
+
+
 class CodeRunningPayload:
     """Unpickling this runs code: it writes the marker file."""
 
