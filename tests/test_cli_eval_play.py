@@ -41,12 +41,14 @@ def ez(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.Completed
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real CartPole run: 600 env steps, 75 training steps, one final evaluation."""
+    """A real CartPole run: 600 env steps, 150 training steps (0.25 per env step, the
+    random warm-up's share included), one final evaluation."""
     run = tmp_path_factory.mktemp("runs") / "cartpole-tiny"
     ez(*CLI, "train", "configs/cartpole.yaml", "--serial", "--run-dir", run,
        "--env-steps", "600", "--set", "run.start_transitions=300",
        "--set", "run.eval_episodes=1", "--set", "run.eval_interval=1000000",
-       "--set", "search.num_simulations=4", "--set", "learner.batch_size=16")
+       "--set", "search.num_simulations=4", "--set", "learner.batch_size=16",
+       "--set", "run.replay_ratio=0.25")
     assert (run / "checkpoints" / "latest.pt").is_file()
     return run
 
@@ -60,7 +62,7 @@ def test_eval_writes_record(run: Path, tmp_path: Path) -> None:
     assert record["model"] == "final"
     assert record["checkpoint"] == str((run / "checkpoints" / "latest.pt").resolve())
     state = load_checkpoint(run / "checkpoints" / "latest.pt")
-    assert record["train_steps"] == state["learner"]["steps"] == 75
+    assert record["train_steps"] == state["learner"]["steps"] == 150
     assert record["env_steps"] == state["env_steps"] == 600
     assert record["episodes"] == 2 and len(record["returns"]) == len(record["lengths"]) == 2
     assert record["mean_return"] == pytest.approx(np.mean(record["returns"]))

@@ -231,16 +231,17 @@ def test_a_crashing_child_reports_its_traceback(tmp_path):
     proc = start(["configs/cartpole.yaml", "--run-dir", str(run), "--env-steps", "400", *TINY,
                   "--set", "run.reanalyse_placement=learner",
                   "--set", "run.collector_inference=learner",
-                  "--set", "run.selfplay_update_interval=10"])
+                  "--set", "run.selfplay_update_interval=10", "--set", "run.replay_ratio=0.25"])
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     assert "processes: learner, evaluator, collector-0 |" in out
     # The evaluator's rows reach the console, and the last line names the final return.
     final = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
-    assert re.search(r"eval @ 50 training steps / \d+ env steps: mean return "
+    assert re.search(r"eval @ 100 training steps / \d+ env steps: mean return "
                      rf"{final['mean_return']:.1f} \+- ", out), out
     assert out.rstrip().endswith(f"final mean return {final['mean_return']:.1f}"), out
-    assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] == 50
+    # 0.25 training steps per env step, the 200 warm-up steps' share included.
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] == 100
     records = log_records(run)
     assert int(records["env_steps"][-1, 0]) == 400
     # After the 200 random warm-up steps the learner searched for the collector (which
@@ -276,12 +277,12 @@ def test_an_atari_run_trains_on_stacked_image_frames_through_the_rings(tmp_path)
                   "--device", "cpu", *[a for item in small for a in ("--set", item)]])
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
-    assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] == 80
+    assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] == 160
     trained = [r for r in metrics(run) if r["train_steps"] > 0]
     assert trained and all(np.isfinite(r["loss"]) for r in trained)
     assert trained[-1]["loss_value"] < trained[0]["loss_value"]
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
-    assert evals[-1]["train_steps"] == 80 and evals[-1]["episodes"] == 1
+    assert evals[-1]["train_steps"] == 160 and evals[-1]["episodes"] == 1
     assert shm_entries(proc.pid) == []
 
 
@@ -290,7 +291,8 @@ def test_initial_weights_and_warm_up_data_follow_the_seed(tmp_path):
     def run_with(seed: int, name: str) -> tuple[dict, np.ndarray]:
         run = tmp_path / name
         proc = start(["configs/cartpole.yaml", "--run-dir", str(run), "--env-steps", "200",
-                      "--seed", str(seed), *TINY, "--set", "run.extra_training_steps=0"])
+                      "--seed", str(seed), *TINY, "--set", "run.extra_training_steps=0",
+                      "--set", "run.start_transitions=208"])  # the budget is all warm-up
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
         state = load_checkpoint(run / "checkpoints" / "latest.pt")
