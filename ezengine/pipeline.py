@@ -88,12 +88,11 @@ def attach(kind: type, spec: Any) -> Any:
 INT_COUNTERS = ("stop", "replay_env_steps", "replay_positions", "train_steps",
                 "target_version", "batches", "games", "learner_done", "eval_done",
                 "eval_request")
-FLOAT_COUNTERS = ("recent_return", "loss", "loss_value", "loss_policy", "loss_value_prefix",
-                  "loss_consistency", "learner_wait_s", "target_lag", "is_weight_mean",
-                  "value_mean", "value_target_mean", "priority_mean")
 # Learner metrics copied into every progress row of metrics.jsonl.
 LEARNER_METRICS = ("target_lag", "is_weight_mean", "value_mean", "value_target_mean",
                    "priority_mean")
+FLOAT_COUNTERS = ("recent_return", "loss", "loss_value", "loss_policy", "loss_value_prefix",
+                  "loss_consistency", "learner_wait_s", *LEARNER_METRICS)
 
 
 @dataclass
