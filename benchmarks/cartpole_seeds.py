@@ -121,7 +121,7 @@ def main() -> None:
             if (mode, seed, tuple(args.overrides)) in done:
                 continue
             row = {"mode": mode, "seed": seed, "overrides": args.overrides,
-                   "load_before": open("/proc/loadavg").read().split()[0],
+                   "load_before": Path("/proc/loadavg").read_text().split()[0],
                    **one_run(mode, seed, args.overrides, args.keep)}
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -29,10 +29,15 @@ from ezengine.scores import human_normalized_score, is_atari100k
 from ezengine.search import BatchedSearch, SearchResult, select_actions
 from ezengine.trainer import resolve_device
 
-__all__ = ["TRAIN_HINT", "Agent", "checkpoint_path", "latest_run"]
+__all__ = ["Agent", "checkpoint_path", "latest_run", "train_hint"]
 
-TRAIN_HINT = ("train one with `ezengine train configs/cartpole.yaml` (minutes on a CPU) or "
-              "`ezengine train configs/breakout.yaml`")
+def train_hint() -> str:
+    """How to train a first run, with a config path that works from any folder."""
+    cartpole = Path(__file__).resolve().parents[1] / "configs" / "cartpole.yaml"
+    config = (str(cartpole) if cartpole.is_file()
+              else "configs/cartpole.yaml (from the ezengine repository)")
+    return f"train one with `ezengine train {config}` (minutes on a CPU)"
+
 
 # Checkpoint file name in a run's checkpoints/ folder -> the model label in records.
 _FILES = {"final": "latest.pt", "best": "best.pt"}
@@ -72,7 +77,8 @@ def latest_run(runs_root: str | Path = "runs") -> Path:
     found = list(root.rglob("checkpoints/latest.pt")) if root.is_dir() else []
     if not found:
         raise FileNotFoundError(f"no trained run under {root.resolve()} (no "
-                                f"*/checkpoints/latest.pt); {TRAIN_HINT}")
+                                f"*/checkpoints/latest.pt); name one (a run directory or a "
+                                f"checkpoint file), or {train_hint()}")
     newest = max(found, key=lambda p: p.stat().st_mtime)
     return newest.parent.parent
 

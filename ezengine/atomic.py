@@ -1,12 +1,30 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written file."""
+"""File writes: atomic replacement (a reader, or a crash, never sees a half-written file),
+and a full disk reported as which file and what was kept."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+
+class DiskFullError(OSError):
+    """The disk filled up while writing a file; the message names it and what was kept."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def raise_if_disk_full(exc: OSError, path: Path, kept: str) -> None:
+    """Raise a DiskFullError naming `path` and what was `kept` when `exc` says the disk (or
+    the quota) is full; return otherwise (the caller re-raises `exc`)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(exc.errno, f"disk full while writing {path}: {kept}. Free some "
+                            "space; `ezengine train --resume RUN_DIR` continues a run"
+                            ) from exc
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -26,6 +44,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise_if_disk_full(exc, path, f"the previous {path.name} is kept unchanged"
+                           if path.exists() else "no part of it was written")
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

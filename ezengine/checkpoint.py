@@ -28,5 +28,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise ValueError(f"{path} is not a loadable ezengine checkpoint: {exc}") from exc
+    except Exception:  # unpickling errors come in many types
+        # torch's own message suggests turning safe loading off: never pass that on.
+        raise ValueError(
+            f"{path} is corrupt or not an ezengine checkpoint: it cannot be read as weights "
+            f"and plain values (ezengine loads nothing else)") from None

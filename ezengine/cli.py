@@ -13,6 +13,7 @@ from ezengine.config import ConfigError, load_config
 
 if TYPE_CHECKING:
     from ezengine.agent import Agent
+    from ezengine.config import Config
     from ezengine.play import VideoWriter, Window
 
 
@@ -21,7 +22,15 @@ if TYPE_CHECKING:
 def main() -> None:
     """ezengine trains EfficientZero agents (MuZero Reanalyse with a self-supervised
     consistency loss, value prefix and off-policy correction) on Atari and gymnasium
-    environments, and plays and evaluates them."""
+    environments, and plays and evaluates them.
+
+    \b
+    Examples:
+      ezengine train configs/cartpole.yaml            # minutes on a CPU
+      ezengine eval runs/cartpole-20261201-120000 --episodes 20
+      ezengine play --render                          # the most recent run
+      ezengine train --help                           # each command's options
+    """
 
 
 def _echo_flush(message: str) -> None:
@@ -65,6 +74,13 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
     By default collectors, a replay + reanalyse worker, the learner and an evaluator run as
     separate processes exchanging data through shared memory; Ctrl-C stops them all after a
     final checkpoint, and `--resume RUN_DIR` continues from there.
+
+    \b
+    Examples:
+      ezengine train configs/cartpole.yaml --seed 3
+      ezengine train configs/ms_pacman.yaml --run-dir runs/pacman-s0 --device cuda
+      ezengine train configs/cartpole.yaml --set learner.lr=0.001 --env-steps 20000
+      ezengine train --resume runs/pacman-s0
     """
     extra = list(overrides)
     if env_steps is not None:
@@ -90,17 +106,38 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     run_dir = run_dir or _default_run_dir(config)
-    if serial:
-        from ezengine.trainer import SerialTrainer  # torch import deferred: fast --help
+    # torch and the trainers are imported here, not at the top: --help stays fast.
+    from ezengine.atomic import DiskFullError
+    from ezengine.rundir import RunDirError
 
-        SerialTrainer(cfg, run_dir, echo=_echo_flush).run()
-        return
-    from ezengine.pipeline import PipelineTrainer
+    _check_runnable(cfg, config)
+    try:
+        if serial:
+            from ezengine.trainer import SerialTrainer
 
-    code = PipelineTrainer(cfg, run_dir, echo=_echo_flush, resume=resume_dir is not None,
-                           num_collectors=collectors).run()
+            SerialTrainer(cfg, run_dir, echo=_echo_flush).run()
+            return
+        from ezengine.pipeline import PipelineTrainer
+
+        code = PipelineTrainer(cfg, run_dir, echo=_echo_flush, resume=resume_dir is not None,
+                               num_collectors=collectors).run()
+    except (RunDirError, DiskFullError) as exc:
+        raise click.ClickException(str(exc)) from None
     if code != 0:
         raise SystemExit(code)
+
+
+def _check_runnable(cfg: Config, source: Path) -> None:
+    """One clear line, before anything is created, when the run cannot start: the device
+    is not there or the environment cannot be made."""
+    from ezengine.envs import make_env
+    from ezengine.trainer import resolve_device
+
+    try:
+        resolve_device(cfg.run.device)
+        make_env(cfg.env, seed=0, train=True).close()
+    except ValueError as exc:
+        raise click.ClickException(f"{source}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,7 +190,14 @@ def evaluate_command(target: Path, suite: str | None, episodes: int, seed: int,
                      device: str) -> None:
     """Evaluate the checkpoint of TARGET (a run directory or a checkpoint file) with the
     evaluation settings (raw score, no noise, most visited action, evaluation cap), or
-    with --suite summarise every run under TARGET."""
+    with --suite summarise every run under TARGET.
+
+    \b
+    Examples:
+      ezengine eval runs/cartpole-s0 --episodes 20 --seed 7
+      ezengine eval runs/cartpole-s0/checkpoints/latest.pt --out score.json
+      ezengine eval runs/ --suite atari100k
+    """
     if suite is not None:
         if out is not None:
             raise click.UsageError("--out is for one checkpoint; --suite writes --out-prefix")
@@ -201,9 +245,7 @@ def _suite_report(root: Path, prefix: Path) -> None:
 
 
 @main.command(short_help="Watch a trained agent play (window or video).")
-@click.option("--checkpoint", "target", type=click.Path(path_type=Path), default=None,
-              help="Run directory or checkpoint file [default: the most recent run under "
-                   "--runs-root].")
+@click.argument("target", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--runs-root", type=click.Path(file_okay=False, path_type=Path),
               default=Path("runs"), show_default=True,
               help="Where to look for the most recent run.")
@@ -224,8 +266,15 @@ def _suite_report(root: Path, prefix: Path) -> None:
               show_default=True, help="Where the model runs.")
 def play(target: Path | None, runs_root: Path, which: str, render: bool, video: Path | None,
          episodes: int, seed: int, max_steps: int | None, device: str) -> None:
-    """Watch a trained agent play with the evaluation policy; the frames show score, step
-    and the search's root value."""
+    """Watch the agent of TARGET (a run directory or a checkpoint file, as for `eval`;
+    default: the most recent run under --runs-root) play with the evaluation policy; the
+    frames show score, step and the search's root value.
+
+    \b
+    Examples:
+      ezengine play --render
+      ezengine play runs/cartpole-s0 --episodes 3 --video cartpole.mp4
+    """
     from ezengine.agent import latest_run
     from ezengine.play import VideoWriter, Window, display_available
     from ezengine.play import play as play_games
@@ -267,7 +316,13 @@ def play(target: Path | None, runs_root: Path, which: str, render: bool, video: 
 def plot(target: Path, out: Path) -> None:
     """Plot learning curves (evaluation mean return vs environment steps) of the run
     TARGET or of every run under it, one line per run, with the paper's EfficientZero
-    score as a reference on Atari 100k games."""
+    score as a reference on Atari 100k games.
+
+    \b
+    Examples:
+      ezengine plot runs/cartpole-s0
+      ezengine plot runs/ --out all-runs.png
+    """
     from ezengine.plot import plot_learning_curves
 
     try:

@@ -243,8 +243,8 @@ def _make_atari(cfg: EnvConfig, seed: int, train: bool) -> gymnasium.Env:
     import ale_py  # imported here so vector-only users never load the emulator
 
     gymnasium.register_envs(ale_py)
-    env = gymnasium.make(cfg.id, frameskip=1, repeat_action_probability=0.0,
-                         full_action_space=False)
+    env = _gym_make(cfg.id, frameskip=1, repeat_action_probability=0.0,
+                    full_action_space=False)
     env = NoopReset(env, cfg.noop_max, seed)
     env = MaxAndSkip(env, cfg.frame_skip)
     env = ResizeObservation(env, cfg.frame_size)
@@ -254,8 +254,20 @@ def _make_atari(cfg: EnvConfig, seed: int, train: bool) -> gymnasium.Env:
     return EpisodicLife(env) if (train and cfg.episodic_life) else GameOverInfo(env)
 
 
+def _gym_make(env_id: str, **kwargs: Any) -> gymnasium.Env:
+    """gymnasium.make with an unknown or unsuitable id reported as one ValueError line."""
+    try:
+        return gymnasium.make(env_id, **kwargs)
+    except gymnasium.error.Error as exc:
+        raise ValueError(f"env.id {env_id!r}: {exc}") from None
+    except TypeError as exc:  # e.g. Atari arguments given to a non-Atari environment
+        raise ValueError(f"env.id {env_id!r} does not take env.kind "
+                         f"{'atari' if kwargs else 'gym'}'s settings ({exc}); is env.kind "
+                         f"right?") from None
+
+
 def _make_gym(cfg: EnvConfig, train: bool) -> gymnasium.Env:
-    env = gymnasium.make(cfg.id)
+    env = _gym_make(cfg.id)
     act, obs = env.action_space, env.observation_space
     problem = None
     if not isinstance(act, spaces.Discrete):

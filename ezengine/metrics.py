@@ -8,13 +8,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ezengine.atomic import raise_if_disk_full
+
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
     """Append one JSON row and flush it to disk (a crash loses at most the current row)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise_if_disk_full(exc, path, "the rows before this one are kept")
+        raise
 
 
 def drop_torn_rows(run_dir: Path) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ezengine.atomic import remove_leftover_temporaries
+from ezengine.atomic import DiskFullError, raise_if_disk_full
 from ezengine.checkpoint import load_checkpoint, save_checkpoint
 from ezengine.collector import Collector, finished_games, store_transition, transition_fields
 from ezengine.config import Config, config_from_dict, config_to_dict, save_config
@@ -65,6 +65,7 @@ from ezengine.rings import (
     unlink_orphaned_segments,
     unlink_segments,
 )
+from ezengine.rundir import claim_run_dir, resume_point, stopped_line
 from ezengine.scores import read_evaluations
 from ezengine.search import BatchedSearch, SearchResult
 from ezengine.trainer import (
@@ -188,9 +189,14 @@ class TransitionLog:
     def append(self, record: Any) -> None:
         """Write one record (a mapping of arrays) and hand it to the OS: a killed process
         loses nothing it has appended."""
-        with open(self.path, "ab") as f:
-            f.write(b"".join(np.ascontiguousarray(record[name]).tobytes()
-                             for name in self.dtype.names))
+        try:
+            with open(self.path, "ab") as f:
+                f.write(b"".join(np.ascontiguousarray(record[name]).tobytes()
+                                 for name in self.dtype.names))
+        except OSError as exc:
+            raise_if_disk_full(exc, self.path, "every record before this one is kept (a "
+                               "resume drops the partial one)")
+            raise
 
     def drop_partial_record(self) -> int:
         """Cut a record left half-written by a killed collector off the end of the file, so
@@ -762,6 +768,9 @@ def child_main(role: str, index: int, spec: PipelineSpec, errors: Any) -> None:
             ROLES[role](spec)
     except Stopped:
         pass
+    except DiskFullError as exc:  # the user's to fix: one line, no traceback
+        errors.put((name, str(exc)))
+        sys.exit(1)
     except BaseException:
         errors.put((name, traceback.format_exc()))
         sys.exit(1)
@@ -819,9 +828,18 @@ class PipelineTrainer:
             self.echo(f"{self.stop_reason}: stopping (final checkpoint, then exit)")
 
     def run(self) -> int:
-        """Run to the end of the budget or a stop; returns the process exit code."""
+        """Run to the end of the budget or a stop; returns the process exit code.
+        RunDirError, before anything starts, when the run directory cannot be used (see
+        `claim_run_dir`) or a resumed checkpoint does not load or fit the config."""
+        with claim_run_dir(self.run_dir, resume=self.resume) as claim:
+            code = self._run()
+            claim.failed = code != 0
+            return code
+
+    def _run(self) -> int:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            trained = resume_point(self.run_dir, cfg)  # checked before anything is touched
         (self.run_dir / "replay").mkdir(exist_ok=True)
         if not self.resume:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -831,7 +849,7 @@ class PipelineTrainer:
             # Every collector that wrote a log must be rebuilt (and continues collecting).
             logs = len(list((self.run_dir / "replay").glob("collector-*.bin")))
             self.num_collectors = max(self.num_collectors, logs)
-            resume_point = self._resume_point(obs)
+            resume_from = self._replay_point(obs, trained)
             drop_torn_rows(self.run_dir)
         leftovers = unlink_orphaned_segments("ez")
         if leftovers:
@@ -870,7 +888,7 @@ class PipelineTrainer:
                       *requests, *results]
             self.rings = [*transitions, batches]
             if self.resume:
-                counters["train_steps"], counters["replay_env_steps"] = resume_point
+                counters["train_steps"], counters["replay_env_steps"] = resume_from
             spec = PipelineSpec(config_to_dict(cfg), str(self.run_dir), obs,
                                 self.num_collectors, self.resume,
                                 [r.spec for r in transitions], batches.spec, priorities.spec,
@@ -885,15 +903,9 @@ class PipelineTrainer:
             unlink_segments(prefix)
             self.metrics.close()
 
-    def _resume_point(self, obs: Observation) -> tuple[int, int]:
+    def _replay_point(self, obs: Observation, steps: int) -> tuple[int, int]:
         """(training steps of the latest checkpoint, env steps in the replay logs); says
         where the run resumes from."""
-        ckpt = self.run_dir / "checkpoints" / "latest.pt"
-        remove_leftover_temporaries(ckpt)
-        steps = 0
-        if ckpt.exists():
-            with contextlib.suppress(Exception):  # a broken one is the learner's to report
-                steps = int(load_checkpoint(ckpt)["learner"]["steps"])
         layout = transition_layout(self.cfg, obs)
         logs = [TransitionLog(log_path(self.run_dir, i), layout)
                 for i in range(self.num_collectors)]
@@ -940,9 +952,11 @@ class PipelineTrainer:
             for s, handler in old.items():
                 signal.signal(s, handler)
         if self.failure is not None:
-            who, tb = self.failure
-            self.echo(f"run failed in {who}:\n{tb}")
+            who, why = self.failure
+            self.echo(f"run failed in {who}:" + ("\n" if "\n" in why.strip() else " ") + why)
             return 1
+        if self.stop_reason is not None:
+            self.echo(stopped_line(self.run_dir))
         return 0
 
     def _drain_errors(self, errors: Any) -> None:

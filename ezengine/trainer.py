@@ -36,6 +36,7 @@ from ezengine.metrics import Eta, MetricsWriter
 from ezengine.model import build_model
 from ezengine.reanalyse import Reanalyser
 from ezengine.replay import ReplayBuffer, initial_allocation
+from ezengine.rundir import claim_run_dir, stopped_line
 from ezengine.search import BatchedSearch
 
 
@@ -44,7 +45,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU")
+        raise ValueError("run.device is 'cuda' but torch sees no CUDA GPU here; use --device cpu "
+                         "or --device auto")
     return torch.device(name)
 
 
@@ -172,9 +174,14 @@ class SerialTrainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
-        """Train to the end of the budget; returns the final evaluation record."""
+        """Train to the end of the budget; returns the final evaluation record.
+        RunDirError, before anything starts, when the run directory cannot be used (see
+        `claim_run_dir`)."""
+        with claim_run_dir(self.run_dir, resume=False):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsWriter(self.run_dir)
         self.echo(f"run dir {self.run_dir} | device {self.device} | {cfg.env.id} | "
@@ -206,7 +213,7 @@ class SerialTrainer:
             self.checkpoint()
             self.envs.close()
             self.metrics.close()
-            self.echo(f"interrupted: checkpoint written at step {self.learner.steps}")
+            self.echo(stopped_line(self.run_dir, resumable=False))
             return self.evaluations[-1] if self.evaluations else {}
         self.checkpoint()
         final = self.evaluations[-1] if (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def test_cartpole_values_example_prints_the_agents_root_values(run: Path) -> Non
 
 
 def test_play_render_without_display_writes_video(run: Path) -> None:
-    proc = ez(*CLI, "play", "--checkpoint", run, "--render", "--max-steps", "20")
+    proc = ez(*CLI, "play", run, "--render", "--max-steps", "20")  # the target as for eval
     assert "no display" in proc.stdout
     line = next(x for x in proc.stdout.splitlines() if x.startswith("video: "))
     video = Path(line.removeprefix("video: "))
@@ -125,6 +126,9 @@ def test_play_without_runs_explains(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "no trained run" in proc.stderr and "ezengine train" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # The command it suggests works from this folder too: its config path exists here.
+    config = re.search(r"`ezengine train (\S+)`", proc.stderr).group(1)
+    assert (tmp_path / config).is_file(), proc.stderr
 
 
 def test_gif_writer(tmp_path: Path) -> None:

@@ -93,6 +93,12 @@ def test_sigint_stops_everything_with_a_final_checkpoint_then_resume_keeps_the_r
     wait_for_training(run, proc, 30)
     kids = [pid for pid, _ in children(proc.pid)]
     assert len(kids) == 4  # learner, reanalyse, evaluator, collector-0
+    # A second process on the same run directory refuses at once (the run holds a lock).
+    second = start(["--resume", str(run)])
+    out, _ = second.communicate(timeout=60)
+    assert second.returncode == 1, out
+    assert f"{run} is in use by another ezengine process (pid {proc.pid})" in out, out
+    assert "resumed from" not in out and "Traceback" not in out, out
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, out
@@ -101,6 +107,24 @@ def test_sigint_stops_everything_with_a_final_checkpoint_then_resume_keeps_the_r
     assert all(not Path(f"/proc/{pid}").exists() for pid in kids), "orphan processes"
     ckpt = load_checkpoint(run / "checkpoints" / "latest.pt")
     steps_before = ckpt["learner"]["steps"]
+    # The last line says what is saved and how to go on.
+    assert out.rstrip().endswith(
+        f"stopped: training step {steps_before:,} is saved in {run}/checkpoints/latest.pt; "
+        f"continue with `ezengine train --resume {run}`"), out
+    # A new run into that directory refuses, and so does a resume whose config no longer
+    # fits the checkpoint; neither touches the run.
+    saved = {p: p.read_bytes() for p in run.rglob("*")
+             if p.is_file() and "tb" not in p.parts and p.name != ".lock"}
+    for args, says in [
+            (["configs/cartpole.yaml", "--run-dir", str(run)],
+             f"{run} already holds a run; continue it with `ezengine train --resume {run}`"),
+            (["--resume", str(run), "--set", "model.hidden_dim=96"],
+             "the config no longer matches the checkpoint (model.hidden_dim: checkpoint 128, "
+             "config 96)")]:
+        refused = start(args)
+        out, _ = refused.communicate(timeout=60)
+        assert refused.returncode == 1 and says in out and "Traceback" not in out, out
+        assert {p: p.read_bytes() for p in saved} == saved
     assert steps_before >= metrics(run)[-1]["train_steps"] - 1  # the final checkpoint
     records_before = log_records(run)
     env_steps_before = int(records_before["env_steps"][-1, 0])
@@ -253,14 +277,17 @@ def test_a_crashing_child_reports_its_traceback(tmp_path):
     assert (records["root_values"][searched][-10:] != 0).all()
     policies = records["policies"][searched]
     np.testing.assert_allclose(policies * 4, np.round(policies * 4), atol=1e-6)
-    # A corrupt checkpoint makes the learner raise while resuming.
+    # A corrupt checkpoint stops the resume before anything starts: one line, no traceback,
+    # nothing changed in the run.
     (run / "checkpoints" / "latest.pt").write_bytes(b"not a checkpoint")
+    logs_before = {p.name: p.read_bytes() for p in (run / "replay").iterdir()}
     proc = start(["--resume", str(run)])
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1, out
-    assert "run failed in learner" in out
-    assert "Traceback" in out and "not a loadable ezengine checkpoint" in out
-    assert shm_entries(proc.pid) == []
+    assert proc.returncode != 0, out
+    assert "Traceback" not in out and "weights_only" not in out, out
+    assert "latest.pt is corrupt or not an ezengine checkpoint" in out, out
+    assert "resumed from" not in out, out
+    assert {p.name: p.read_bytes() for p in (run / "replay").iterdir()} == logs_before
 
 
 def test_an_atari_run_trains_on_stacked_image_frames_through_the_rings(tmp_path):

@@ -62,7 +62,7 @@ def test_run_directory_contents(run_dir):
     assert cfg.run.start_transitions == START and cfg.run.device == "cpu"
     assert cfg.env.id == "CartPole-v1"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "checkpoints", "config.yaml", "eval.jsonl", "metrics.jsonl", "tb"]
+        ".lock", "checkpoints", "config.yaml", "eval.jsonl", "metrics.jsonl", "tb"]
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars
 
 
