@@ -1,7 +1,8 @@
 """Typed run configuration loaded from YAML.
 
 A config is six sections (``env``, ``model``, ``search``, ``replay``, ``learner``, ``run``),
-each a dataclass whose defaults are the paper's Atari 100k settings (spec section 1).
+each a frozen dataclass whose defaults are the paper's Atari 100k settings (spec section 1);
+a changed copy comes from :meth:`Config.replace`.
 YAML files may ``extends:`` another file; ``section.key=value`` overrides apply last.
 Every value is checked for its key, type and range, and a bad one raises
 :class:`ConfigError` naming the file (or override), the dotted key, the value and what was
@@ -80,7 +81,7 @@ def _f(default: Any, help: str, check: _Check | None = None) -> Any:
 # Sections
 
 
-@dataclass
+@dataclass(frozen=True)
 class EnvConfig:
     """Environment and preprocessing (spec section 1, "Environment")."""
 
@@ -107,7 +108,7 @@ class EnvConfig:
         _NON_NEGATIVE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Network sizes (spec section 1, "Network")."""
 
@@ -118,8 +119,8 @@ class ModelConfig:
     latent_dim: int = _f(64, "hidden state size (mlp only)", _POSITIVE)
     hidden_dim: int = _f(128, "hidden layer width of the mlp bodies (mlp only)", _POSITIVE)
     lstm_hidden: int = _f(512, "hidden size of the value-prefix LSTM", _POSITIVE)
-    head_hidden: list[int] = field(
-        default_factory=lambda: [32],
+    head_hidden: tuple[int, ...] = field(
+        default=(32,),
         metadata=_meta("hidden layer widths of the value/policy/prefix MLPs", _POSITIVE))
     support_size: int = _f(300, "value and value-prefix support is -support_size..support_size",
                            _POSITIVE)
@@ -132,7 +133,7 @@ class ModelConfig:
                    "conv layers keep BatchNorm2d)", _choices("batch", "layer"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchConfig:
     """MCTS (spec 2.8)."""
 
@@ -146,7 +147,7 @@ class SearchConfig:
                                   _POSITIVE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReplayConfig:
     """Prioritised replay (spec 2.7)."""
 
@@ -160,7 +161,7 @@ class ReplayConfig:
     priority_eps: float = _f(1e-6, "added to |value error| to form a priority", _POSITIVE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LearnerConfig:
     """Optimisation, targets and losses (spec 2.3-2.6)."""
 
@@ -176,8 +177,8 @@ class LearnerConfig:
     lr: float = _f(0.2, "peak learning rate", _POSITIVE)
     lr_warmup_steps: int = _f(1000, "linear learning-rate warm-up length in training steps",
                               _NON_NEGATIVE)
-    lr_decay_steps: list[int] = field(
-        default_factory=lambda: [101000],
+    lr_decay_steps: tuple[int, ...] = field(
+        default=(101000,),
         metadata=_meta("training steps where lr is multiplied by lr_decay_factor (ascending)",
                        _NON_NEGATIVE))
     lr_decay_factor: float = _f(0.1, "learning-rate multiplier at each decay step", _POSITIVE)
@@ -201,7 +202,7 @@ class LearnerConfig:
                                          "model's MCTS root value instead of its prediction")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Budget, schedules, evaluation and bookkeeping."""
 
@@ -214,11 +215,11 @@ class RunConfig:
                                 _NON_NEGATIVE)
     selfplay_update_interval: int = _f(100, "training steps between self-play weight refreshes",
                                        _POSITIVE)
-    visit_temperatures: list[float] = field(
-        default_factory=lambda: [1.0, 0.5, 0.25],
+    visit_temperatures: tuple[float, ...] = field(
+        default=(1.0, 0.5, 0.25),
         metadata=_meta("self-play visit-count temperatures, one per training phase", _POSITIVE))
-    temperature_milestones: list[float] = field(
-        default_factory=lambda: [0.5, 0.75],
+    temperature_milestones: tuple[float, ...] = field(
+        default=(0.5, 0.75),
         metadata=_meta("fractions of the env-step budget where the temperature steps down "
                        "(ascending)", _UNIT))
     eval_interval: int = _f(10_000, "training steps between evaluations", _POSITIVE)
@@ -238,7 +239,7 @@ class RunConfig:
         "searches on the training device)", _choices("local", "learner"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """A whole run configuration: one dataclass per section."""
 
@@ -248,6 +249,13 @@ class Config:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def replace(self, **sections: Mapping[str, Any]) -> Config:
+        """A copy with some fields changed, e.g. ``cfg.replace(learner={"lr": 0.1})``;
+        unchecked, like ``dataclasses.replace`` (`validate_config` checks)."""
+        return dataclasses.replace(self, **{
+            name: dataclasses.replace(getattr(self, name), **values)
+            for name, values in sections.items()})
 
 
 SECTIONS: dict[str, type] = {
@@ -276,14 +284,14 @@ class FieldInfo:
     """Description of one config field, for CLI help."""
 
     key: str  # dotted, e.g. "learner.lr"
-    type_name: str  # e.g. "float", "list[int]"
+    type_name: str  # e.g. "float", "list of int"
     default: Any
     help: str
 
 
 def _type_name(tp: Any) -> str:
-    if get_origin(tp) is list:
-        return f"list[{get_args(tp)[0].__name__}]"
+    if get_origin(tp) is tuple:
+        return f"list of {get_args(tp)[0].__name__}"
     return tp.__name__
 
 
@@ -369,11 +377,11 @@ def _coerce_scalar(tp: type, value: Any) -> Any:
 
 
 def _coerce(section: str, name: str, value: Any) -> Any:
-    """Type- and range-check one value; returns it normalised (int->float, tuple->list)."""
+    """Type- and range-check one value; returns it normalised (int->float, list->tuple)."""
     tp = _TYPES[section][name]
     check: _Check | None = _FIELDS[section][name].metadata["check"]
-    if get_origin(tp) is list:
-        (elem,) = get_args(tp)
+    if get_origin(tp) is tuple:
+        elem = get_args(tp)[0]
         expected = f"a list of {elem.__name__}" + (f" each {check[1]}" if check else "")
         if not isinstance(value, (list, tuple)):
             raise _Bad(expected)
@@ -383,7 +391,7 @@ def _coerce(section: str, name: str, value: Any) -> Any:
             raise _Bad(expected) from None
         if check and not all(check[0](v) for v in items):
             raise _Bad(expected)
-        return items
+        return tuple(items)
     # "one of 'a', 'b'" already implies the type; "> 0" needs it ("int > 0").
     expected = tp.__name__ if check is None else (
         check[1] if check[1].startswith("one of") else f"{tp.__name__} {check[1]}")
@@ -397,6 +405,7 @@ def _coerce(section: str, name: str, value: Any) -> Any:
 
 
 def _bad_value(source: str, key: str, value: Any, expected: str) -> ConfigError:
+    value = list(value) if isinstance(value, tuple) else value  # shown as it was written
     return ConfigError(f"{source}: bad value for '{key}': {value!r}; expected {expected}")
 
 
@@ -556,8 +565,9 @@ def validate_config(cfg: Config, source: str = "config") -> Config:
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    """The config as plain nested dicts/lists (YAML- and JSON-serialisable)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain nested dicts and lists (YAML- and JSON-serialisable)."""
+    return {s: {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

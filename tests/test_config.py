@@ -11,6 +11,7 @@ from ezengine.config import (
     SECTIONS,
     Config,
     ConfigError,
+    RunConfig,
     config_from_dict,
     config_to_dict,
     describe_fields,
@@ -47,7 +48,7 @@ def test_defaults_are_the_papers_atari_settings() -> None:
 
     assert (c.model.kind, c.model.channels, c.model.reduced_channels) == ("conv", 64, 16)
     assert (c.model.latent_dim, c.model.hidden_dim, c.model.lstm_hidden) == (64, 128, 512)
-    assert c.model.head_hidden == [32] and c.model.support_size == 300
+    assert c.model.head_hidden == (32,) and c.model.support_size == 300
     assert (c.model.projection_hidden, c.model.projection_dim,
             c.model.projection_head_hidden) == (1024, 1024, 512)
 
@@ -65,7 +66,7 @@ def test_defaults_are_the_papers_atari_settings() -> None:
         256, 5, 5, 5)
     assert lr.discount == pytest.approx(0.997**4, abs=1e-9)
     assert (lr.lr, lr.lr_warmup_steps, lr.lr_decay_steps, lr.lr_decay_factor) == (
-        0.2, 1000, [101000], 0.1)
+        0.2, 1000, (101000,), 0.1)
     assert (lr.momentum, lr.weight_decay, lr.grad_clip) == (0.9, 1e-4, 5.0)
     assert (lr.value_prefix_loss_weight, lr.value_loss_weight, lr.policy_loss_weight,
             lr.consistency_loss_weight) == (1.0, 0.25, 1.0, 2.0)
@@ -76,16 +77,24 @@ def test_defaults_are_the_papers_atari_settings() -> None:
     r = c.run
     assert (r.env_steps, r.extra_training_steps, r.replay_ratio) == (100_000, 20_000, 1.0)
     assert (r.start_transitions, r.selfplay_update_interval) == (2000, 100)
-    assert r.visit_temperatures == [1.0, 0.5, 0.25]
-    assert r.temperature_milestones == [0.5, 0.75]
+    assert r.visit_temperatures == (1.0, 0.5, 0.25)
+    assert r.temperature_milestones == (0.5, 0.75)
     assert (r.eval_interval, r.eval_episodes, r.checkpoint_interval) == (10_000, 32, 1000)
     assert (r.seed, r.device, r.log_interval_s) == (0, "auto", 10.0)
 
 
-def test_list_defaults_are_not_shared() -> None:
-    a, b = Config(), Config()
-    a.run.visit_temperatures.append(0.1)
-    assert b.run.visit_temperatures == [1.0, 0.5, 0.25]
+def test_a_config_cannot_change_after_validation() -> None:
+    cfg = load_config(REPO / "configs" / "cartpole.yaml")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.learner.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.run = RunConfig()  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        cfg.run.visit_temperatures.append(0.1)  # type: ignore[attr-defined]
+    # A changed copy is a new object; the original stays as it was.
+    other = cfg.replace(learner={"lr": 1.0})
+    assert other.learner.lr == 1.0 and cfg.learner.lr == 0.003
+    assert other.run is cfg.run
 
 
 def test_every_field_has_help() -> None:
@@ -96,7 +105,7 @@ def test_every_field_has_help() -> None:
     everything = field_help()
     assert everything["learner.lr"] == field_help("learner")["lr"]
     info = {i.key: i for i in describe_fields("run")}
-    assert info["run.visit_temperatures"].type_name == "list[float]"
+    assert info["run.visit_temperatures"].type_name == "list of float"
     assert info["run.seed"].default == 0
     with pytest.raises(ConfigError, match="unknown section 'nope'"):
         field_help("nope")
@@ -155,7 +164,7 @@ def test_overrides(tmp_path: Path) -> None:
         "search.c_base=20000",  # an int is accepted for a float
     ])
     assert c.learner.lr == 0.1
-    assert c.run.visit_temperatures == [1.0, 0.5] and c.run.temperature_milestones == [0.6]
+    assert c.run.visit_temperatures == (1.0, 0.5) and c.run.temperature_milestones == (0.6,)
     assert c.learner.augmentation is False
     assert c.env.id == "ALE/Pong-v5"
     assert c.learner.weight_decay == 1e-5
@@ -271,8 +280,7 @@ def test_config_from_dict_names_its_source() -> None:
 
 
 def test_validate_config_checks_code_built_configs() -> None:
-    cfg = Config()
-    cfg.learner.batch_size = -1
+    cfg = Config().replace(learner={"batch_size": -1})
     with pytest.raises(ConfigError, match=r"in code: bad value for 'learner.batch_size'"):
         validate_config(cfg, "in code")
 
@@ -290,6 +298,6 @@ def test_round_trip(tmp_path: Path) -> None:
     # Atomic write: only the target is left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "resolved.yaml"]
     # Overwriting works too.
-    cfg.learner.lr = 0.01
+    cfg = cfg.replace(learner={"lr": 0.01})
     save_config(cfg, out)
     assert load_config(out).learner.lr == 0.01

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ezengine.checkpoint import load_checkpoint, save_checkpoint
-from ezengine.config import Config, ModelConfig
+from ezengine.config import Config
 from ezengine.learner import Learner, augment_images, learning_rate, scale_gradient
 from ezengine.model import build_model
 from ezengine.reanalyse import TrainingBatch
@@ -25,19 +25,13 @@ B = 4
 
 
 def make_cfg(**learner) -> Config:
-    cfg = Config()
-    cfg.env.kind = "gym"
-    cfg.model = ModelConfig(kind="mlp", latent_dim=8, hidden_dim=16, lstm_hidden=8,
-                            head_hidden=[8], support_size=5, projection_hidden=16,
-                            projection_dim=16, projection_head_hidden=8)
-    lc = cfg.learner
-    lc.unroll_steps = K
-    lc.value_prefix_horizon = 2  # exercises the LSTM reset inside the unroll
-    lc.augmentation = False
-    lc.mixed_precision = False
-    for k, v in learner.items():
-        setattr(lc, k, v)
-    return cfg
+    model = dict(kind="mlp", latent_dim=8, hidden_dim=16, lstm_hidden=8, head_hidden=(8,),
+                 support_size=5, projection_hidden=16, projection_dim=16,
+                 projection_head_hidden=8)
+    # value_prefix_horizon 2 exercises the LSTM reset inside the unroll.
+    return Config().replace(env={"kind": "gym"}, model=model, learner={
+        "unroll_steps": K, "value_prefix_horizon": 2, "augmentation": False,
+        "mixed_precision": False, **learner})
 
 
 def make_learner(cfg: Config, seed: int = 0) -> Learner:

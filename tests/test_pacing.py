@@ -13,10 +13,8 @@ def test_the_papers_budget_is_100k_paced_plus_20k_extra_training_steps():
 
 
 def test_pacing_by_hand():
-    cfg = Config()
-    run = cfg.run
-    run.env_steps, run.start_transitions, run.replay_ratio = 1000, 100, 0.5
-    run.extra_training_steps = 30
+    cfg = Config().replace(run={"env_steps": 1000, "start_transitions": 100,
+                                "replay_ratio": 0.5, "extra_training_steps": 30})
     assert paced_training_steps(cfg, 0) == 0
     assert paced_training_steps(cfg, 99) == 0  # random warm-up: no training yet
     # At the end of the warm-up its share is due at once: 0.5 * 100.

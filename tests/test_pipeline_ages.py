@@ -36,15 +36,11 @@ pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs Lin
 
 
 def make_cfg() -> Config:
-    cfg = Config()
-    cfg.env.kind = "gym"
-    cfg.env.num_envs = N
-    cfg.env.frame_stack = 1
-    cfg.replay.capacity = 1000
-    cfg.learner.td_steps = 5
-    cfg.learner.off_policy_fraction = 0.3
-    cfg.run.env_steps = 100  # 30 env steps of age shorten the TD horizon by one
-    return cfg
+    # 30 env steps of age shorten the TD horizon by one.
+    return Config().replace(env={"kind": "gym", "num_envs": N, "frame_stack": 1},
+                            replay={"capacity": 1000},
+                            learner={"td_steps": 5, "off_policy_fraction": 0.3},
+                            run={"env_steps": 100})
 
 
 def record(cfg: Config, collector: int, j: int) -> dict[str, np.ndarray]:

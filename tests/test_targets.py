@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ezengine.config import Config, ModelConfig
+from ezengine.config import Config
 from ezengine.model import build_model
 from ezengine.reanalyse import Reanalyser, model_inputs, td_horizon, value_prefix_targets
 from ezengine.replay import ReplayBuffer, SampledPositions
@@ -22,22 +22,15 @@ GAMMA = 0.5
 
 
 def make_cfg(**learner) -> Config:
-    cfg = Config()
-    cfg.env.kind = "gym"
-    cfg.model = ModelConfig(kind="mlp", latent_dim=8, hidden_dim=16, lstm_hidden=8,
-                            head_hidden=[8], support_size=5, projection_hidden=16,
-                            projection_dim=16, projection_head_hidden=8)
-    cfg.search.num_simulations = 4
-    cfg.learner.discount = GAMMA
-    cfg.learner.unroll_steps = 5
-    cfg.learner.td_steps = 5
-    cfg.learner.value_prefix_horizon = 5
-    cfg.learner.off_policy_fraction = 0.3
-    cfg.learner.reanalyse_fraction = 0.0
-    for k, v in learner.items():
-        setattr(cfg.learner, k, v)
-    cfg.run.env_steps = 1000
-    return cfg
+    model = dict(kind="mlp", latent_dim=8, hidden_dim=16, lstm_hidden=8, head_hidden=(8,),
+                 support_size=5, projection_hidden=16, projection_dim=16,
+                 projection_head_hidden=8)
+    return Config().replace(
+        env={"kind": "gym"}, model=model, search={"num_simulations": 4},
+        learner={"discount": GAMMA, "unroll_steps": 5, "td_steps": 5,
+                 "value_prefix_horizon": 5, "off_policy_fraction": 0.3,
+                 "reanalyse_fraction": 0.0, **learner},
+        run={"env_steps": 1000})
 
 
 class KnownValues(Reanalyser):
