@@ -140,6 +140,31 @@ def _check_runnable(cfg: Config, source: Path) -> None:
         raise click.ClickException(f"{source}: {exc}") from None
 
 
+@main.command("config", short_help="Show a resolved config with every field's help.")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config value (repeatable), as for `train`.")
+def config_command(config: Path, overrides: tuple[str, ...]) -> None:
+    """Print CONFIG as `train` would run it: every field with its help, its value, where
+    the value came from (file, a file it extends, --set, or the default) and the default
+    where the value differs. The output is YAML that loads back as the same config.
+
+    \b
+    Examples:
+      ezengine config configs/cartpole.yaml
+      ezengine config configs/ms_pacman.yaml --set learner.lr=0.1 | less
+      ezengine config runs/cartpole-s0/config.yaml
+    """
+    from ezengine.config import explain_config, resolve_config
+
+    try:
+        cfg, origins = resolve_config(config, overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(f"# {config}" + (f" with --set {' '.join(overrides)}" if overrides else ""))
+    click.echo(explain_config(cfg, origins), nl=False)
+
+
 # ---------------------------------------------------------------------------------------
 # Evaluating, watching and plotting trained agents. Heavy imports (torch, the agent) are
 # deferred into the commands so `--help` stays fast.

@@ -39,9 +39,11 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "describe_fields",
+    "explain_config",
     "field_help",
     "load_config",
     "parse_override",
+    "resolve_config",
     "save_config",
     "validate_config",
 ]
@@ -539,11 +541,30 @@ def _check_cross(cfg: Config, origins: _Origins, source: str) -> None:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (following ``extends:`` chains), apply ``section.key=value``
     overrides, and validate. Raises :class:`ConfigError` on any problem."""
+    return resolve_config(path, overrides)[0]
+
+
+def resolve_config(path: str | Path, overrides: Sequence[str] = ()
+                   ) -> tuple[Config, dict[str, str]]:
+    """`load_config`, plus where each value came from: ``{"section.key": origin}`` with
+    origin "default", "file PATH", "extends PATH" (a file the config extends) or
+    "--set KEY=VALUE"."""
     values: _Values = {}
     origins: _Origins = {}
+    main = Path(path).resolve()
     _read_file(Path(path), values, origins, [])
     _apply_overrides(overrides, values, origins)
-    return _build(values, origins, str(Path(path).resolve()))
+    cfg = _build(values, origins, str(main))
+
+    def origin(section: str, name: str) -> str:
+        source = origins.get((section, name))
+        if source is None:
+            return "default"
+        if source.startswith("override "):
+            return "--set " + source.removeprefix("override ").strip("'")
+        return ("file " if source == str(main) else "extends ") + source
+
+    return cfg, {f"{s}.{n}": origin(s, n) for s in SECTIONS for n in _FIELDS[s]}
 
 
 def config_from_dict(d: Mapping[str, Any], source: str,
@@ -568,6 +589,31 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """The config as plain nested dicts and lists (YAML- and JSON-serialisable)."""
     return {s: {k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
+
+
+def _yaml_scalar(value: Any) -> str:
+    """One value as it would be written in a YAML file."""
+    return yaml.dump(value, Dumper=_Dumper, width=1000).strip().removesuffix("...").strip()
+
+
+def explain_config(cfg: Config, origins: Mapping[str, str]) -> str:
+    """The config as YAML that loads back, each field with its help above it and, beside
+    it, where its value came from and the default when the value differs from it."""
+    lines = []
+    values = config_to_dict(cfg)
+    for info in describe_fields():
+        section, name = info.key.split(".")
+        if name == next(iter(_FIELDS[section])):
+            lines.append(f"{section}:")
+        value = values[section][name]
+        default = list(info.default) if isinstance(info.default, tuple) else info.default
+        text = yaml.dump({name: value}, Dumper=_Dumper, width=1000).strip()
+        note = origins.get(info.key, "default")
+        if value != default:
+            note += f"; default {_yaml_scalar(default)}"
+        lines.append(f"  # {info.help}")
+        lines.append(f"  {text:<40} # {note}")
+    return "\n".join(lines) + "\n"
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

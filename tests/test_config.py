@@ -301,3 +301,26 @@ def test_round_trip(tmp_path: Path) -> None:
     cfg = cfg.replace(learner={"lr": 0.01})
     save_config(cfg, out)
     assert load_config(out).learner.lr == 0.01
+
+
+def test_config_command_shows_every_field_with_its_origin_and_loads_back(tmp_path: Path
+                                                                         ) -> None:
+    from click.testing import CliRunner
+
+    from ezengine.cli import main
+
+    base = _write(tmp_path / "base.yaml", "learner:\n  lr: 0.05\n  batch_size: 64\n")
+    child = _write(tmp_path / "child.yaml", "extends: base.yaml\nlearner:\n  batch_size: 32\n")
+    result = CliRunner().invoke(main, ["config", str(child), "--set", "run.seed=7"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert f"  lr: 0.05{' ' * 32} # extends {base}; default 0.2" in lines
+    assert f"  batch_size: 32{' ' * 26} # file {child}; default 256" in lines
+    assert f"  seed: 7{' ' * 33} # --set run.seed=7; default 0" in lines
+    assert f"  alpha: 0.6{' ' * 30} # default" in lines
+    assert "  # peak learning rate" in lines  # each field's help above it
+    shown = sum(line.startswith("  ") and not line.startswith("  #") for line in lines)
+    assert shown == len(describe_fields())
+    # The output is a config that loads back as the same one.
+    again = _write(tmp_path / "shown.yaml", result.output)
+    assert load_config(again) == load_config(child, ["run.seed=7"])

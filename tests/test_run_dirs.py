@@ -183,7 +183,7 @@ def test_a_full_disk_during_training_is_one_line(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ commands fit together
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "play", "plot"])
+@pytest.mark.parametrize("command", ["train", "eval", "play", "plot", "config"])
 def test_every_help_shows_an_example(command):
     code, out = cli(command, "--help")
     assert code == 0
