@@ -22,12 +22,12 @@ import torch
 
 from ezengine.checkpoint import load_checkpoint
 from ezengine.config import Config, config_from_dict
+from ezengine.device import resolve_device
 from ezengine.envs import make_env
 from ezengine.evaluate import evaluate
 from ezengine.model import EfficientZeroNet, build_model
 from ezengine.scores import human_normalized_score, is_atari100k
 from ezengine.search import BatchedSearch, SearchResult, select_actions
-from ezengine.trainer import resolve_device
 
 __all__ = ["Agent", "checkpoint_path", "latest_run", "train_hint"]
 

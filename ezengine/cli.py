@@ -130,8 +130,8 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
 def _check_runnable(cfg: Config, source: Path) -> None:
     """One clear line, before anything is created, when the run cannot start: the device
     is not there or the environment cannot be made."""
+    from ezengine.device import resolve_device
     from ezengine.envs import make_env
-    from ezengine.trainer import resolve_device
 
     try:
         resolve_device(cfg.run.device)

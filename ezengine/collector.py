@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ezengine.envs import VectorEnv, clip_reward
+from ezengine.frames import FrameStacks
 from ezengine.model import EfficientZeroNet
 from ezengine.replay import ReplayBuffer
 from ezengine.search import BatchedSearch, SearchResult, select_actions
@@ -72,25 +73,6 @@ def store_transition(replay: ReplayBuffer, record: Mapping[str, np.ndarray],
 def finished_games(record: Mapping[str, np.ndarray]) -> list[float]:
     """Raw scores of the games that finished in this record."""
     return [float(s) for s in record["game_scores"][record["game_over"]]]
-
-
-class FrameStacks:
-    """The last `stack` frames of N environments: [N, stack, *frame_shape]."""
-
-    def __init__(self, first_frames: np.ndarray, stack: int) -> None:
-        self.frames = np.repeat(first_frames[:, None], stack, axis=1)
-
-    def advance(self, frames: np.ndarray, restarted: np.ndarray) -> None:
-        """Append each environment's newest frame [N, ...]; where `restarted` (bool [N]) a
-        new episode began, its whole stack becomes that first frame."""
-        self.frames[:, :-1] = self.frames[:, 1:]
-        self.frames[:, -1] = frames
-        self.frames[restarted] = frames[restarted][:, None]
-
-    def model_input(self) -> np.ndarray:
-        """[N, stack * C, ...]: frames stacked on the first feature axis."""
-        n, s, *shape = self.frames.shape
-        return self.frames.reshape(n, s * shape[0], *shape[1:])
 
 
 class RemoteSearch(Protocol):

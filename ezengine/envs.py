@@ -306,6 +306,27 @@ def make_env(cfg: EnvConfig, *, seed: int, train: bool) -> gymnasium.Env:
     return _SeedFirstReset(env, seed)
 
 
+@dataclass(frozen=True)
+class EnvDescription:
+    """What a config's environments look like: one frame's shape and dtype, and |A|."""
+
+    frame_shape: tuple[int, ...]
+    frame_dtype: str
+    num_actions: int
+
+
+def describe_env(cfg: EnvConfig) -> EnvDescription:
+    """Make one training environment of `cfg` and describe it (ValueError, one line, when
+    it cannot be made)."""
+    env = make_env(cfg, seed=0, train=True)
+    try:
+        space = env.observation_space
+        return EnvDescription(tuple(space.shape), np.dtype(space.dtype).str,
+                              int(env.action_space.n))
+    finally:
+        env.close()
+
+
 # ---------------------------------------------------------------------------------------
 # Vector env
 
@@ -348,6 +369,8 @@ class VectorEnv:
         self.observation_shape: tuple[int, ...] = tuple(space.shape)
         self.observation_dtype = np.dtype(space.dtype)
         self.num_actions = int(self.envs[0].action_space.n)
+        self.description = EnvDescription(self.observation_shape, self.observation_dtype.str,
+                                          self.num_actions)
         # Per-game running totals, kept across life-loss episode boundaries.
         self._scores = np.zeros(self.num_envs, dtype=np.float64)
         self._lengths = np.zeros(self.num_envs, dtype=np.int64)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ezengine.collector import FrameStacks
 from ezengine.config import Config
 from ezengine.envs import VectorEnv
+from ezengine.frames import FrameStacks
 from ezengine.model import EfficientZeroNet
 from ezengine.search import BatchedSearch, select_actions
 

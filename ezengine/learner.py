@@ -1,7 +1,7 @@
 """The learner: EfficientZero loss, optimisation and priorities (spec 2.3, 2.6, 2.7).
 
 Owns the online model, its target copy and the optimizer. ``train_step`` takes a
-:class:`~ezengine.reanalyse.TrainingBatch` and returns metrics and new priorities.
+:class:`~ezengine.batch.TrainingBatch` and returns metrics and new priorities.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ezengine.batch import TrainingBatch
 from ezengine.config import Config
+from ezengine.frames import model_inputs
 from ezengine.model import EfficientZeroNet
-from ezengine.reanalyse import TrainingBatch, model_inputs
 from ezengine.support import scalar_to_support, support_to_scalar
 
 

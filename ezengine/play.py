@@ -26,8 +26,8 @@ import gymnasium
 import numpy as np
 
 from ezengine.agent import Agent
-from ezengine.collector import FrameStacks
 from ezengine.envs import make_env
+from ezengine.frames import FrameStacks
 
 __all__ = ["GIF_MAX_FRAMES", "EpisodeResult", "VideoWriter", "Window", "display_available",
            "play"]

@@ -15,48 +15,15 @@ For a sampled position t and every c in t..t+K this builds:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from ezengine.batch import TrainingBatch
 from ezengine.config import Config
 from ezengine.model import EfficientZeroNet
 from ezengine.replay import ReplayBuffer, SampledPositions
 from ezengine.search import BatchedSearch
 from ezengine.support import support_to_scalar
-
-
-@dataclass
-class TrainingBatch:
-    """One learner batch, all numpy (it crosses process boundaries as is).
-
-    frames: [B, stack+K, C, ...] observations o_{t-stack+1} .. o_{t+K}; the model input
-    at t+k stacks frames k .. k+stack-1 (`model_inputs`): the one at t starts the unroll,
-    those at t+1..t+K are the targets of the consistency loss. actions: int64 [B, K].
-    value_targets: float32 [B, K+1]. value_prefix_targets: float32 [B, K]. policy_targets:
-    float32 [B, K+1, A]. masks: float32 [B, K+1], masks[:, 0] = 1. weights: float32 [B]
-    PER importance weights. positions: int64 [B] replay positions (for priority updates).
-    target_version: training step of the target model that made the targets.
-    """
-
-    frames: np.ndarray
-    actions: np.ndarray
-    value_targets: np.ndarray
-    value_prefix_targets: np.ndarray
-    policy_targets: np.ndarray
-    masks: np.ndarray
-    weights: np.ndarray
-    positions: np.ndarray
-    target_version: int
-
-
-def model_inputs(frames: torch.Tensor, frame_stack: int) -> torch.Tensor:
-    """[B, n - stack + 1, stack*C, ...]: every model input of a batch's frame windows
-    [B, n, C, ...]; input j stacks frames j .. j+stack-1, oldest first."""
-    b, n = frames.shape[:2]
-    windows = frames.unfold(1, frame_stack, 1).movedim(-1, 2)  # [B, n-stack+1, stack, C, ...]
-    return windows.reshape(b, n - frame_stack + 1, -1, *frames.shape[3:])
 
 
 def td_horizon(age: np.ndarray, td_steps: int, fraction: float, budget: int) -> np.ndarray:

@@ -17,8 +17,8 @@ owner's segment is tracked, so the tracker still cleans up if the supervisor its
   The producer writes numpy views in place, the consumer reads read-only views of the same
   memory (no copy, no pickling); a full ring blocks its producer (backpressure).
 - ``SharedCounters``: named int64/float64 scalars (env steps, train steps, stop flag...).
-- ``SharedWeights``: a versioned flat float32 parameter vector behind a seqlock, with
-  ``flatten_state``/``load_flat`` to move a torch module's state_dict in and out of it.
+- ``SharedWeights``: a versioned flat float32 parameter vector behind a seqlock
+  (``ezengine.pipeline.weights`` moves a torch state_dict in and out of it).
 
 Memory ordering: counters and flags are aligned 8-byte words read and written through numpy
 views; each such access is a single load/store. A producer writes slot data before it bumps
@@ -37,16 +37,13 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "CountersSpec",
@@ -60,10 +57,7 @@ __all__ = [
     "SlotLayout",
     "SlotViews",
     "WeightsSpec",
-    "flatten_state",
-    "load_flat",
     "run_prefix",
-    "state_size",
     "unlink_orphaned_segments",
     "unlink_segments",
 ]
@@ -747,7 +741,9 @@ class SharedWeights(_SharedBlock):
         return int(self._hdr[_VERSION])
 
     @contextmanager
-    def _publishing(self, version: int) -> Iterator[np.ndarray]:
+    def publishing(self, version: int) -> Iterator[np.ndarray]:
+        """Write the data array in place inside the block; it is published as `version`
+        when the block ends (readers never see it half-written)."""
         if version < 0:
             raise ValueError(f"weights version must be >= 0, got {version}")
         seq = int(self._hdr[_SEQ])
@@ -768,13 +764,8 @@ class SharedWeights(_SharedBlock):
         if flat.shape != (self.size,):
             raise ValueError(f"{self!r}: expected a flat vector of shape ({self.size},), "
                              f"got {flat.shape}")
-        with self._publishing(version) as data:
+        with self.publishing(version) as data:
             np.copyto(data, flat, casting="same_kind")
-
-    def publish_state(self, state: Mapping[str, torch.Tensor], version: int) -> None:
-        """Flatten a torch state_dict straight into shared memory (no staging copy)."""
-        with self._publishing(version) as data:
-            flatten_state(state, out=data)
 
     def read_into(self, out: np.ndarray, *, timeout: float | None = DEFAULT_TIMEOUT) -> int:
         """Copy a consistent snapshot into ``out`` (float32 [size]); return its version.
@@ -805,61 +796,3 @@ class SharedWeights(_SharedBlock):
         """Return ``(version, a new float32 [size] copy)``."""
         out = np.empty(self.size, np.float32)
         return self.read_into(out, timeout=timeout), out
-
-
-# --------------------------------------------------------------------------- torch state
-
-def state_size(state: Mapping[str, torch.Tensor]) -> int:
-    """Number of values ``flatten_state`` produces for this state_dict."""
-    return sum(int(t.numel()) for t in state.values())
-
-
-def flatten_state(state: Mapping[str, torch.Tensor], out: np.ndarray | None = None) -> np.ndarray:
-    """Concatenate every tensor of a state_dict, in its order, into float32 [state_size].
-
-    Integer and bool buffers (BatchNorm's ``num_batches_tracked``) are stored as float32,
-    exact up to 2**24; ``load_flat`` casts them back. Complex tensors are rejected.
-    """
-    import torch
-
-    total = state_size(state)
-    if out is None:
-        out = np.empty(total, np.float32)
-    elif out.shape != (total,) or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 of shape ({total},), got {out.dtype} {out.shape}")
-    dst = torch.from_numpy(out)
-    pos = 0
-    for key, tensor in state.items():
-        if tensor.is_complex():
-            raise ValueError(f"state entry {key!r} is complex ({tensor.dtype}); not supported")
-        n = int(tensor.numel())
-        # copy_ casts dtype and moves off the GPU in one step, without a temporary.
-        dst[pos:pos + n].copy_(tensor.detach().reshape(-1))
-        pos += n
-    return out
-
-
-def load_flat(module: torch.nn.Module, flat: np.ndarray) -> None:
-    """Copy a ``flatten_state(module.state_dict())`` vector back into ``module`` in place.
-
-    Parameters and buffers keep their tensors (optimizers and device placement stay valid);
-    each value is cast back to its tensor's dtype.
-    """
-    import torch
-
-    state = module.state_dict()  # detached tensors sharing storage with the module's
-    total = state_size(state)
-    flat = np.asarray(flat)
-    if flat.shape != (total,):
-        raise ValueError(f"{type(module).__name__} has {total} state values, "
-                         f"the flat vector has shape {flat.shape}")
-    if flat.dtype != np.float32 or not flat.flags.writeable or not flat.flags.c_contiguous:
-        # torch.from_numpy warns on read-only arrays (e.g. ring views); copy those.
-        flat = np.array(flat, dtype=np.float32)
-    src = torch.from_numpy(flat)
-    pos = 0
-    with torch.no_grad():
-        for tensor in state.values():
-            n = int(tensor.numel())
-            tensor.copy_(src[pos:pos + n].view(tensor.shape))
-            pos += n

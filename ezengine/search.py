@@ -34,6 +34,13 @@ class SearchResult:
     root_values: np.ndarray
     predicted_values: np.ndarray
 
+    @staticmethod
+    def layout(num_roots: int, num_actions: int) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        """(name, shape, dtype) of every field (the shared-memory layout of a result)."""
+        return [("visit_counts", (num_roots, num_actions), np.dtype(np.int32)),
+                ("root_values", (num_roots,), np.dtype(np.float32)),
+                ("predicted_values", (num_roots,), np.dtype(np.float32))]
+
     def policies(self) -> np.ndarray:
         """float32 [B, A]: visit distributions N(a) / sum N, the policy targets."""
         counts = self.visit_counts.astype(np.float32)

@@ -28,58 +28,30 @@ import torch
 
 from ezengine.checkpoint import save_checkpoint
 from ezengine.collector import Collector, finished_games, store_transition
-from ezengine.config import Config, config_to_dict, save_config
+from ezengine.config import Config, save_config
+from ezengine.device import configure_torch, resolve_device
 from ezengine.envs import VectorEnv
 from ezengine.evaluate import describe_evaluation, evaluate
 from ezengine.learner import Learner
 from ezengine.metrics import Eta, MetricsWriter
 from ezengine.model import build_model
 from ezengine.reanalyse import Reanalyser
-from ezengine.replay import ReplayBuffer, initial_allocation
+from ezengine.recipe import (
+    build_replay,
+    build_search,
+    checkpoint_state,
+    collector_seed,
+    evaluation_seed,
+    model_seed,
+    paced_training_steps,
+    progress_line,
+    reanalyse_seed,
+    sample_batch_positions,
+    sampling_seed,
+    total_training_steps,
+    visit_temperature,
+)
 from ezengine.rundir import claim_run_dir, stopped_line
-from ezengine.search import BatchedSearch
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device is 'cuda' but torch sees no CUDA GPU here; use --device cpu "
-                         "or --device auto")
-    return torch.device(name)
-
-
-def configure_torch(threads: int | None = None) -> None:
-    """Per-process torch settings: flush denormals (a 10-100x CPU slowdown otherwise) and
-    an explicit intra-op thread count (oversubscription stalls small ops)."""
-    torch.set_flush_denormal(True)
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-
-def visit_temperature(cfg: Config, env_steps: int) -> float:
-    """Self-play temperature, stepping down at run.temperature_milestones (fractions of the
-    environment-step budget)."""
-    progress = env_steps / cfg.run.env_steps
-    passed = sum(progress >= m for m in cfg.run.temperature_milestones)
-    return cfg.run.visit_temperatures[passed]
-
-
-def paced_training_steps(cfg: Config, env_steps: int) -> int:
-    """Training steps allowed once `env_steps` environment steps are collected:
-    replay_ratio * env_steps from the end of the random warm-up on (the warm-up's share
-    included), then the extra ones once the budget is collected (spec: 100k + 20k)."""
-    run = cfg.run
-    if env_steps < run.start_transitions:
-        return 0
-    paced = int(run.replay_ratio * min(env_steps, run.env_steps))
-    return paced + (run.extra_training_steps if env_steps >= run.env_steps else 0)
-
-
-def total_training_steps(cfg: Config) -> int:
-    """Training steps of a whole run: paced ones during collection plus the extra ones."""
-    return paced_training_steps(cfg, cfg.run.env_steps)
 
 
 class SerialTrainer:
@@ -99,24 +71,21 @@ class SerialTrainer:
         # One intra-op thread on CPU: this model's ops are small, and with other processes
         # on the machine more threads stall (design.md, CPU traps).
         configure_torch(threads=1 if self.device.type == "cpu" else None)
-        seed = cfg.run.seed
-        torch.manual_seed(seed)
+        # The seed streams of the pipeline's learner, collector 0 and replay worker.
+        torch.manual_seed(model_seed(cfg))
+        seed = collector_seed(cfg, 0)
         self.envs = VectorEnv(cfg.env, seed=seed, train=True)
-        a = self.envs.num_actions
-        model = build_model(cfg.model, self.envs.observation_shape, a, cfg.env.frame_stack)
+        env = self.envs.description
+        model = build_model(cfg.model, env.frame_shape, env.num_actions, cfg.env.frame_stack)
         self.learner = Learner(cfg, model, self.device)
         self.selfplay = copy.deepcopy(self.learner.model).eval()
-        lc = cfg.learner
-        self.replay = ReplayBuffer(
-            cfg.replay.capacity, self.envs.observation_shape, self.envs.observation_dtype, a,
-            num_writers=self.envs.num_envs, alpha=cfg.replay.alpha,
-            frame_stack=cfg.env.frame_stack, lookahead=lc.unroll_steps + lc.td_steps,
-            initial_capacity=initial_allocation(cfg.run.env_steps, self.envs.num_envs))
-        search = BatchedSearch(cfg.search, a, lc.discount, lc.value_prefix_horizon, seed=seed)
-        self.collector = Collector(self.envs, search, clip_rewards=cfg.env.clip_rewards,
+        self.replay = build_replay(cfg, env, writers=self.envs.num_envs)
+        self.collector = Collector(self.envs, build_search(cfg, env.num_actions, seed),
+                                   clip_rewards=cfg.env.clip_rewards,
                                    frame_stack=cfg.env.frame_stack, seed=seed)
-        self.reanalyser = Reanalyser(cfg, self.replay, a, seed=seed + 1)
-        self.sample_rng = np.random.default_rng(seed + 2)
+        self.reanalyser = Reanalyser(cfg, self.replay, env.num_actions,
+                                     seed=reanalyse_seed(cfg))
+        self.sample_rng = np.random.default_rng(sampling_seed(cfg))
         self.total_train_steps = total_training_steps(cfg)
         self.recent_returns: deque[float] = deque(maxlen=20)
         self.evaluations: list[dict[str, Any]] = []
@@ -141,9 +110,7 @@ class SerialTrainer:
     def train_step(self) -> dict[str, float]:
         """Sample, reanalyse, learn, update priorities and the self-play weights."""
         cfg = self.cfg
-        progress = min(self.learner.steps / max(self.total_train_steps, 1), 1.0)
-        beta = cfg.replay.beta_start + (cfg.replay.beta_end - cfg.replay.beta_start) * progress
-        sample = self.replay.sample(cfg.learner.batch_size, beta, self.sample_rng)
+        sample = sample_batch_positions(cfg, self.replay, self.learner.steps, self.sample_rng)
         batch = self.reanalyser.build(self.learner.target, sample, self.collector.env_steps,
                                       self.learner.target_version)
         metrics, priorities = self.learner.train_step(batch)
@@ -155,7 +122,7 @@ class SerialTrainer:
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the online model; append the record to eval.jsonl."""
         result = evaluate(copy.deepcopy(self.learner.model), self.cfg,
-                          self.cfg.run.eval_episodes, seed=self.cfg.run.seed + 10_000)
+                          self.cfg.run.eval_episodes, seed=evaluation_seed(self.cfg))
         row = {"train_steps": self.learner.steps, "env_steps": self.collector.env_steps,
                "wall_s": round(time.perf_counter() - self.start_time, 1), **result.record()}
         self.metrics.evaluation(row)
@@ -165,10 +132,8 @@ class SerialTrainer:
 
     def checkpoint(self) -> None:
         """Atomically write checkpoints/latest.pt."""
-        state = {"learner": self.learner.state_dict(),
-                 "selfplay": self.selfplay.state_dict(),
-                 "env_steps": self.collector.env_steps,
-                 "config": config_to_dict(self.cfg)}
+        state = checkpoint_state(self.cfg, self.learner.state_dict(),
+                                 self.selfplay.state_dict(), self.collector.env_steps)
         save_checkpoint(state, self.run_dir / "checkpoints" / "latest.pt")
 
     # ------------------------------------------------------------------ the loop
@@ -240,11 +205,4 @@ class SerialTrainer:
             for key in metrics[0]:
                 row[key] = float(np.mean([m[key] for m in metrics]))
         self.metrics.progress(row)
-        ret = "-" if row["recent_return"] is None else f"{row['recent_return']:.1f}"
-        loss = f" | loss {row['loss']:.3f}" if "loss" in row else ""
-        self.echo(f"env {self.collector.env_steps:,}/{self.cfg.run.env_steps:,} | "
-                  f"train {self.learner.steps:,}/{self.total_train_steps:,} | "
-                  f"return {ret}{loss} | {row['env_steps_per_s']:.0f} env/s "
-                  f"{row['train_steps_per_s']:.1f} train/s | " + self.eta.text(
-                      self.collector.env_steps, self.cfg.run.env_steps, self.learner.steps,
-                      self.total_train_steps))
+        self.echo(progress_line(self.cfg, row, self.eta))

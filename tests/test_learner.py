@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ezengine.batch import TrainingBatch
 from ezengine.checkpoint import load_checkpoint, save_checkpoint
 from ezengine.config import Config
 from ezengine.learner import Learner, augment_images, learning_rate, scale_gradient
 from ezengine.model import build_model
-from ezengine.reanalyse import TrainingBatch
 from ezengine.support import support_to_scalar
 
 A = 3

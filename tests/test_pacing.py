@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ezengine.config import Config
-from ezengine.trainer import paced_training_steps, total_training_steps
+from ezengine.recipe import paced_training_steps, total_training_steps
 
 
 def test_the_papers_budget_is_100k_paced_plus_20k_extra_training_steps():

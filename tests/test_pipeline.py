@@ -20,8 +20,10 @@ import torch
 from ezengine.atomic import atomic_write, remove_leftover_temporaries
 from ezengine.checkpoint import load_checkpoint
 from ezengine.config import load_config
+from ezengine.envs import EnvDescription
 from ezengine.metrics import drop_torn_rows
-from ezengine.pipeline import Observation, TransitionLog, log_path, transition_layout
+from ezengine.pipeline.layouts import transition_layout
+from ezengine.pipeline.transition_log import TransitionLog, log_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "search.num_simulations=4", "--set", "learner.batch_size=16",
@@ -83,7 +85,7 @@ def shm_entries(pid: int) -> list[str]:
 
 def log_records(run: Path) -> np.ndarray:
     cfg = load_config(run / "config.yaml")
-    obs = Observation((4,), np.dtype(np.float32).str, 2)
+    obs = EnvDescription((4,), np.dtype(np.float32).str, 2)
     return TransitionLog(log_path(run, 0), transition_layout(cfg, obs)).read()
 
 

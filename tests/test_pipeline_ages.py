@@ -14,23 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ezengine import pipeline
 from ezengine.config import Config, config_to_dict
-from ezengine.pipeline import (
-    FLOAT_COUNTERS,
-    INT_COUNTERS,
-    Observation,
-    PipelineSpec,
-    ReplayWorker,
-    TransitionLog,
-    log_path,
-    transition_layout,
-)
+from ezengine.envs import EnvDescription
+from ezengine.pipeline import transport
+from ezengine.pipeline.layouts import transition_layout
+from ezengine.pipeline.replay_role import ReplayWorker
+from ezengine.pipeline.spec import FLOAT_COUNTERS, INT_COUNTERS, PipelineSpec
+from ezengine.pipeline.transition_log import TransitionLog, log_path
 from ezengine.reanalyse import td_horizon
 from ezengine.rings import Ring, SharedCounters, SlotLayout, unlink_segments
 
 N = 4  # environments per collector
-OBS = Observation((4,), np.dtype(np.float32).str, 2)
+OBS = EnvDescription((4,), np.dtype(np.float32).str, 2)
 
 pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs Linux /dev/shm")
 
@@ -71,22 +66,26 @@ def workers(tmp_path: Path) -> Iterator:
     """make(cfg, resume=False) -> (ReplayWorker for 2 collectors in tmp_path, its rings)."""
     prefix = f"ezt-{os.getpid()}-{uuid.uuid4().hex[:6]}-"
     created: list = []
-    attached_before = len(pipeline._ATTACHED)
+    attached_before = len(transport._ATTACHED)
 
     def make(cfg: Config, resume: bool = False) -> tuple[ReplayWorker, list[Ring]]:
         rings = [Ring.create(prefix, SlotLayout(transition_layout(cfg, OBS)), 4)
                  for _ in range(2)]
         counters = SharedCounters.create(prefix, ints=INT_COUNTERS, floats=FLOAT_COUNTERS)
         created.extend([*rings, counters])
-        spec = PipelineSpec(config_to_dict(cfg), str(tmp_path), OBS, 2, resume,
-                            [r.spec for r in rings], None, None, counters.spec, None, None,
-                            None, [], [], prefix, os.getpid())
+        # Only what the replay worker reads; the other blocks belong to other roles.
+        spec = PipelineSpec(config=config_to_dict(cfg), run_dir=str(tmp_path), env=OBS,
+                            num_collectors=2, resume=resume,
+                            transitions=[r.spec for r in rings], batches=None,
+                            priorities=None, counters=counters.spec, selfplay_weights=None,
+                            target_weights=None, eval_weights=None, search_requests=[],
+                            search_results=[], prefix=prefix, supervisor_pid=os.getpid())
         return ReplayWorker(spec, cfg, counters), rings
 
     yield make
-    for block in pipeline._ATTACHED[attached_before:]:
+    for block in transport._ATTACHED[attached_before:]:
         block.detach()
-    del pipeline._ATTACHED[attached_before:]
+    del transport._ATTACHED[attached_before:]
     for block in created:
         block.unlink()
     assert not unlink_segments(prefix), "leaked shared-memory segments"

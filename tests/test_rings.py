@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ezengine.pipeline.weights import flatten_state, load_flat, publish_state
 from ezengine.rings import (
     ALIGN,
     CountersSpec,
@@ -28,8 +29,6 @@ from ezengine.rings import (
     SharedWeights,
     SlotLayout,
     WeightsSpec,
-    flatten_state,
-    load_flat,
     unlink_orphaned_segments,
     unlink_segments,
 )
@@ -461,7 +460,7 @@ def test_publish_state_round_trip(prefix: str) -> None:
     flat = flatten_state(model.state_dict())
     weights = SharedWeights.create(prefix, flat.size)
     try:
-        weights.publish_state(model.state_dict(), version=7)
+        publish_state(weights, model.state_dict(), version=7)
         version, read = weights.read()
         assert version == 7
         np.testing.assert_array_equal(read, flat)

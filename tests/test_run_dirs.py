@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from ezengine.atomic import DiskFullError, atomic_write
 from ezengine.cli import main
 from ezengine.metrics import append_jsonl
-from ezengine.pipeline import TransitionLog
+from ezengine.pipeline.transition_log import TransitionLog
 from ezengine.rundir import RunDirError, checkpoint_mismatch, claim_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]

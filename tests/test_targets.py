@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from ezengine.config import Config
+from ezengine.frames import model_inputs
 from ezengine.model import build_model
-from ezengine.reanalyse import Reanalyser, model_inputs, td_horizon, value_prefix_targets
+from ezengine.reanalyse import Reanalyser, td_horizon, value_prefix_targets
 from ezengine.replay import ReplayBuffer, SampledPositions
 from ezengine.support import support_to_scalar
 

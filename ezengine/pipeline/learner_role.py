@@ -1,0 +1,221 @@
+"""The learner process: owns the model; trains on batches, sends priorities back,
+publishes self-play, target and evaluation weights, checkpoints."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ezengine.batch import TrainingBatch
+from ezengine.checkpoint import load_checkpoint, save_checkpoint
+from ezengine.config import Config
+from ezengine.device import resolve_device
+from ezengine.learner import Learner
+from ezengine.pipeline.replay_role import ReplayWorker
+from ezengine.pipeline.spec import (
+    FLOAT_COUNTERS,
+    PipelineSpec,
+)
+from ezengine.pipeline.transport import (
+    POLL_S,
+    attach,
+    write_unless_stopped,
+)
+from ezengine.pipeline.weights import publish_state
+from ezengine.recipe import (
+    build_network,
+    build_search,
+    checkpoint_state,
+    collector_seed,
+    model_seed,
+    total_training_steps,
+)
+from ezengine.rings import (
+    Ring,
+    RingTimeout,
+    SharedCounters,
+    SharedWeights,
+)
+from ezengine.search import SearchResult
+
+
+def reanalyse_in_learner(cfg: Config) -> bool:
+    """Whether reanalysis runs inside the learner process (see run.reanalyse_placement)."""
+    placement = cfg.run.reanalyse_placement
+    if placement == "auto":
+        return resolve_device(cfg.run.device).type == "cuda"
+    return placement == "learner"
+
+
+class RingBatches:
+    """Training batches from the reanalyse process; priorities go back the same way."""
+
+    def __init__(self, spec: PipelineSpec, counters: SharedCounters) -> None:
+        self.counters = counters
+        self.batches = attach(Ring, spec.batches)
+        self.priorities = attach(Ring, spec.priorities)
+        self.waited_s = 0.0
+
+    def next(self, timeout: float) -> TrainingBatch | None:
+        """The next batch, copied out of its slot (freed at once), or None after timeout."""
+        t0 = time.perf_counter()
+        try:
+            with self.batches.read(timeout=timeout) as slot:
+                return TrainingBatch.from_arrays(slot)
+        except RingTimeout:
+            return None
+        finally:
+            self.waited_s += time.perf_counter() - t0
+
+    def send_priorities(self, positions: np.ndarray, priorities: np.ndarray) -> None:
+        def fill(slot: Any) -> None:
+            slot["positions"][...] = positions
+            slot["priorities"][...] = priorities
+        write_unless_stopped(self.priorities, self.counters, fill)
+
+
+class LocalBatches:
+    """Training batches reanalysed in this (the learner's) process with its target model on
+    the training device: the reanalysis inference, most of the compute, runs on the GPU."""
+
+    def __init__(self, spec: PipelineSpec, cfg: Config, counters: SharedCounters,
+                 learner: Learner) -> None:
+        self.worker = ReplayWorker(spec, cfg, counters)
+        self.learner = learner
+        self.waited_s = 0.0
+
+    def next(self, timeout: float) -> TrainingBatch | None:
+        """Reanalyse a batch as soon as the replay ratio allows one; None after timeout."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            while self.worker.ingest():
+                pass
+            if self.learner.steps < self.worker.batches_allowed():
+                return self.worker.build(self.learner.target, self.learner.target_version)
+            if time.perf_counter() >= deadline:
+                return None
+            time.sleep(POLL_S)
+            self.waited_s += POLL_S
+
+    def send_priorities(self, positions: np.ndarray, priorities: np.ndarray) -> None:
+        self.worker.replay.update_priorities(positions, priorities)
+
+
+class SearchServer:
+    """The model owner's side of SearchClient: runs every collector's pending search on
+    the training device with a copy of the latest published self-play weights."""
+
+    def __init__(self, spec: PipelineSpec, cfg: Config, learner: Learner,
+                 counters: SharedCounters) -> None:
+        self.requests = [attach(Ring, s) for s in spec.search_requests]
+        self.results = [attach(Ring, s) for s in spec.search_results]
+        self.counters = counters
+        self.learner = learner
+        self.device = learner.device
+        self.model = build_network(cfg, spec.env).to(self.device)
+        # Seeded like the collectors' own searches, by the steps so far: a resumed run does
+        # not repeat its root noise.
+        start = counters["replay_env_steps"]
+        self.searches = [build_search(cfg, spec.env.num_actions, collector_seed(cfg, i, start))
+                         for i in range(len(self.requests))]
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Act with the learner's current weights (called when self-play weights publish)."""
+        self.model.load_state_dict(self.learner.model.state_dict())
+
+    def serve(self) -> bool:
+        """Answer every waiting request (one per collector); whether there was any."""
+        busy = False
+        for i, requests in enumerate(self.requests):
+            with requests.try_read() as slot:
+                if slot is None:
+                    continue
+                obs = torch.from_numpy(np.array(slot["obs"])).to(self.device)
+            result = self.searches[i].run(self.model, obs, add_noise=True)
+
+            def fill(out: Any, result: SearchResult = result) -> None:
+                out["visit_counts"][...] = result.visit_counts
+                out["root_values"][...] = result.root_values
+                out["predicted_values"][...] = result.predicted_values
+            write_unless_stopped(self.results[i], self.counters, fill)
+            busy = True
+        return busy
+
+
+def run_learner(spec: PipelineSpec) -> None:
+    """Own the model: train on batches, send priorities, publish weights, checkpoint."""
+    cfg = spec.cfg()
+    counters = attach(SharedCounters, spec.counters)
+    selfplay = attach(SharedWeights, spec.selfplay_weights)
+    target_w = attach(SharedWeights, spec.target_weights)
+    eval_w = attach(SharedWeights, spec.eval_weights)
+    device = resolve_device(cfg.run.device)
+    torch.manual_seed(model_seed(cfg))  # the initial weights (a resumed run loads its own)
+    learner = Learner(cfg, build_network(cfg, spec.env).train(), device)
+    run_dir = Path(spec.run_dir)
+    ckpt_path = run_dir / "checkpoints" / "latest.pt"
+    if spec.resume and ckpt_path.exists():
+        learner.load_state_dict(load_checkpoint(ckpt_path, map_location=device)["learner"])
+    source: RingBatches | LocalBatches = (
+        LocalBatches(spec, cfg, counters, learner) if reanalyse_in_learner(cfg)
+        else RingBatches(spec, counters))
+    server = SearchServer(spec, cfg, learner, counters) if spec.search_requests else None
+    published = {"selfplay": 0, "target": 0, "eval": 0}
+
+    def publish(name: str, block: SharedWeights, module: torch.nn.Module) -> None:
+        published[name] += 1
+        publish_state(block, module.state_dict(), published[name])
+
+    def checkpoint() -> None:
+        save_checkpoint(checkpoint_state(cfg, learner.state_dict(), learner.model.state_dict(),
+                                         counters["replay_env_steps"]), ckpt_path)
+
+    counters["train_steps"] = learner.steps
+    counters["target_version"] = learner.target_version
+    publish("selfplay", selfplay, learner.model)
+    publish("target", target_w, learner.target)
+    run = cfg.run
+    total_train = total_training_steps(cfg)
+    while learner.steps < total_train and not counters["stop"]:
+        if server is None:
+            batch = source.next(timeout=0.5)
+        else:  # between training steps, and while no batch is ready, answer searches
+            # Time spent answering searches while no batch is ready counts as waiting for
+            # data too: the learner could not have trained in it.
+            t0, waited_before = time.perf_counter(), source.waited_s
+            served = server.serve()
+            batch = source.next(timeout=0.0)
+            if batch is None:
+                if not served:
+                    time.sleep(POLL_S)
+                source.waited_s = waited_before + time.perf_counter() - t0
+        counters["learner_wait_s"] = source.waited_s
+        if batch is None:
+            continue
+        target_before = learner.target_version
+        metrics, prio = learner.train_step(batch)
+        source.send_priorities(batch.positions, prio)
+        steps = learner.steps
+        counters["train_steps"] = steps
+        for name in FLOAT_COUNTERS:
+            if name in metrics:
+                counters[name] = metrics[name]
+        if steps % run.selfplay_update_interval == 0:
+            publish("selfplay", selfplay, learner.model)
+            if server is not None:
+                server.refresh()
+        if learner.target_version != target_before:
+            publish("target", target_w, learner.target)
+            counters["target_version"] = learner.target_version
+        if steps % run.eval_interval == 0 or steps == total_train:
+            counters["eval_request"] = steps
+            publish("eval", eval_w, learner.model)
+        if steps % run.checkpoint_interval == 0:
+            checkpoint()
+    checkpoint()
+    counters["learner_done"] = 1

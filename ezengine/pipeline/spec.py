@@ -1,0 +1,58 @@
+"""What the supervisor hands every child: the counters' names, the ring sizes and the
+specs of every shared-memory block (picklable)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ezengine.config import Config, config_from_dict
+from ezengine.envs import EnvDescription
+from ezengine.rings import (
+    CountersSpec,
+    RingSpec,
+    WeightsSpec,
+)
+
+INT_COUNTERS = ("stop", "replay_env_steps", "replay_positions", "train_steps",
+                "target_version", "batches", "games", "learner_done", "eval_done",
+                "eval_request")
+
+
+# Learner metrics copied into every progress row of metrics.jsonl.
+LEARNER_METRICS = ("target_lag", "is_weight_mean", "value_mean", "value_target_mean",
+                   "priority_mean")
+
+
+FLOAT_COUNTERS = ("recent_return", "loss", "loss_value", "loss_policy", "loss_value_prefix",
+                  "loss_consistency", "learner_wait_s", *LEARNER_METRICS)
+
+
+# Slots per ring: transitions (per collector; a full ring blocks its collector), batches
+# (how far reanalysis may build ahead of the learner), priorities (learner -> reanalyse).
+RING_SLOTS = {"transitions": 64, "batches": 2, "priorities": 16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSpec:
+    """Everything a child process needs (picklable)."""
+
+    config: dict[str, Any]
+    run_dir: str
+    env: EnvDescription
+    num_collectors: int
+    resume: bool
+    transitions: list[RingSpec]
+    batches: RingSpec
+    priorities: RingSpec
+    counters: CountersSpec
+    selfplay_weights: WeightsSpec
+    target_weights: WeightsSpec
+    eval_weights: WeightsSpec
+    search_requests: list[RingSpec]  # per collector; empty unless collector_inference=learner
+    search_results: list[RingSpec]
+    prefix: str  # every segment's name starts with it
+    supervisor_pid: int
+
+    def cfg(self) -> Config:
+        return config_from_dict(self.config, source=f"{self.run_dir}/config.yaml")

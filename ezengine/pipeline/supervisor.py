@@ -1,0 +1,310 @@
+"""The supervisor (the ``ezengine train`` process): creates every shared-memory block,
+starts and watches the children, prints progress and writes metrics, and stops the run."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from ezengine.config import Config, config_to_dict, save_config
+from ezengine.envs import EnvDescription, describe_env
+from ezengine.evaluate import describe_evaluation
+from ezengine.metrics import Eta, MetricsWriter, drop_torn_rows
+from ezengine.pipeline.child import child_main
+from ezengine.pipeline.layouts import (
+    batch_layout,
+    priority_layout,
+    search_request_layout,
+    search_result_layout,
+    transition_layout,
+)
+from ezengine.pipeline.learner_role import reanalyse_in_learner
+from ezengine.pipeline.spec import (
+    FLOAT_COUNTERS,
+    INT_COUNTERS,
+    LEARNER_METRICS,
+    RING_SLOTS,
+    PipelineSpec,
+)
+from ezengine.pipeline.transition_log import TransitionLog, log_path
+from ezengine.pipeline.weights import state_size
+from ezengine.recipe import build_network, total_training_steps
+from ezengine.rings import (
+    Ring,
+    SharedCounters,
+    SharedWeights,
+    SlotLayout,
+    run_prefix,
+    unlink_orphaned_segments,
+    unlink_segments,
+)
+from ezengine.rundir import claim_run_dir, resume_point, stopped_line
+from ezengine.scores import read_evaluations
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+class PipelineTrainer:
+    """Starts, watches and stops the pipeline's processes (the `ezengine train` process).
+
+    Args:
+        cfg: the resolved config.
+        run_dir: the run directory (config, checkpoints, replay logs, metrics, evaluations).
+        echo: receives progress lines.
+        resume: continue the run in `run_dir` (its replay logs and latest checkpoint).
+        num_collectors: collector processes.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, echo: Any = print, *, resume: bool = False,
+                 num_collectors: int = 1) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.echo = echo
+        self.resume = resume
+        self.num_collectors = num_collectors
+        self.stop_reason: str | None = None
+        self.eta = Eta()
+        self.failure: tuple[str, str] | None = None
+        self.evaluations_shown = 0
+
+    def _handle_signal(self, signum: int, _frame: Any) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = signal.Signals(signum).name
+            self.echo(f"{self.stop_reason}: stopping (final checkpoint, then exit)")
+
+    def run(self) -> int:
+        """Run to the end of the budget or a stop; returns the process exit code.
+        RunDirError, before anything starts, when the run directory cannot be used (see
+        `claim_run_dir`) or a resumed checkpoint does not load or fit the config."""
+        with claim_run_dir(self.run_dir, resume=self.resume) as claim:
+            code = self._run()
+            claim.failed = code != 0
+            return code
+
+    def _run(self) -> int:
+        cfg = self.cfg
+        if self.resume:
+            trained = resume_point(self.run_dir, cfg)  # checked before anything is touched
+        (self.run_dir / "replay").mkdir(exist_ok=True)
+        if not self.resume:
+            save_config(cfg, self.run_dir / "config.yaml")
+        env = describe_env(cfg.env)
+        size = state_size(build_network(cfg, env).state_dict())
+        if self.resume:
+            # Every collector that wrote a log must be rebuilt (and continues collecting).
+            logs = len(list((self.run_dir / "replay").glob("collector-*.bin")))
+            self.num_collectors = max(self.num_collectors, logs)
+            resume_from = self._replay_point(env, trained)
+            drop_torn_rows(self.run_dir)
+        leftovers = unlink_orphaned_segments("ez")
+        if leftovers:
+            self.echo(f"removed {len(leftovers)} shared-memory segments left in /dev/shm by "
+                      "runs that were killed whole")
+        prefix = run_prefix("ez")
+        blocks: list[Any] = []
+        self.metrics = MetricsWriter(self.run_dir)
+        try:
+            def per_collector(layout: list, slots: int, name: str, count: int) -> list[Ring]:
+                """One ring per collector; `name` has a {} for the collector index."""
+                return [Ring.create(prefix, SlotLayout(layout), slots, name=name.format(i))
+                        for i in range(count)]
+
+            transitions = per_collector(transition_layout(cfg, env), RING_SLOTS["transitions"],
+                                        "transitions: collector-{} -> reanalyse",
+                                        self.num_collectors)
+            batches = Ring.create(prefix, SlotLayout(batch_layout(cfg, env)),
+                                  RING_SLOTS["batches"], name="batches: reanalyse -> learner")
+            priorities = Ring.create(prefix, SlotLayout(priority_layout(cfg)),
+                                     RING_SLOTS["priorities"],
+                                     name="priorities: learner -> reanalyse")
+            counters = SharedCounters.create(prefix, ints=INT_COUNTERS, floats=FLOAT_COUNTERS)
+            weights = {name: SharedWeights.create(prefix, size, name=f"{name} weights")
+                       for name in ("selfplay", "target", "eval")}
+            remote_collectors = (self.num_collectors
+                                 if cfg.run.collector_inference == "learner" else 0)
+            requests = per_collector(search_request_layout(cfg, env), 1,
+                                     "search requests: collector-{} -> learner", remote_collectors)
+            results = per_collector(search_result_layout(cfg, env), 1,
+                                    "search results: learner -> collector-{}", remote_collectors)
+            blocks = [*transitions, batches, priorities, counters, *weights.values(),
+                      *requests, *results]
+            self.rings = {"transitions": transitions, "batches": [batches]}
+            if self.resume:
+                counters["train_steps"], counters["replay_env_steps"] = resume_from
+            spec = PipelineSpec(
+                config=config_to_dict(cfg), run_dir=str(self.run_dir), env=env,
+                num_collectors=self.num_collectors, resume=self.resume,
+                transitions=[r.spec for r in transitions], batches=batches.spec,
+                priorities=priorities.spec, counters=counters.spec,
+                selfplay_weights=weights["selfplay"].spec,
+                target_weights=weights["target"].spec, eval_weights=weights["eval"].spec,
+                search_requests=[r.spec for r in requests],
+                search_results=[r.spec for r in results], prefix=prefix,
+                supervisor_pid=os.getpid())
+            return self._supervise(spec, counters)
+        finally:
+            for block in blocks:
+                block.unlink()
+            unlink_segments(prefix)
+            self.metrics.close()
+
+    def _replay_point(self, env: EnvDescription, steps: int) -> tuple[int, int]:
+        """(training steps of the latest checkpoint, env steps in the replay logs); says
+        where the run resumes from."""
+        layout = transition_layout(self.cfg, env)
+        logs = [TransitionLog(log_path(self.run_dir, i), layout)
+                for i in range(self.num_collectors)]
+        for log in logs:
+            dropped = log.drop_partial_record()
+            if dropped:
+                self.echo(f"{log.path}: removed a half-written last record ({dropped} bytes; "
+                          "its collector was killed while writing it, before publishing it)")
+        records = sum(log.count() for log in logs)
+        env_steps = sum(log.last_env_steps() for log in logs)
+        self.echo(f"resumed from training step {steps} with {records} transition records "
+                  f"({env_steps:,} env steps) from the replay logs")
+        return steps, env_steps
+
+    def _supervise(self, spec: PipelineSpec, counters: SharedCounters) -> int:
+        ctx = mp.get_context("spawn")
+        errors = ctx.Queue()
+        procs: dict[str, mp.process.BaseProcess] = {}
+        roles = [("learner", 0), ("evaluator", 0)]
+        if not reanalyse_in_learner(self.cfg):
+            roles.append(("reanalyse", 0))
+        roles += [("collector", i) for i in range(self.num_collectors)]
+        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for role, index in roles:
+                name = f"{role}-{index}" if role == "collector" else role
+                procs[name] = ctx.Process(target=child_main, args=(role, index, spec, errors),
+                                          name=f"ezengine-{name}", daemon=True)
+                procs[name].start()
+            self.echo(f"run dir {self.run_dir} | {self.cfg.env.id} | processes: "
+                      f"{', '.join(procs)} | {self.cfg.run.env_steps:,} env steps, "
+                      f"{total_training_steps(self.cfg):,} training steps")
+            self._watch(procs, counters, errors)
+        finally:
+            counters["stop"] = 1
+            deadline = time.monotonic() + 30.0
+            for p in procs.values():
+                p.join(timeout=max(deadline - time.monotonic(), 0.1))
+            for p in procs.values():
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5.0)
+            self._drain_errors(errors)
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        if self.failure is not None:
+            who, why = self.failure
+            self.echo(f"run failed in {who}:" + ("\n" if "\n" in why.strip() else " ") + why)
+            return 1
+        if self.stop_reason is not None:
+            self.echo(stopped_line(self.run_dir))
+        return 0
+
+    def _drain_errors(self, errors: Any) -> None:
+        with contextlib.suppress(Exception):
+            while not errors.empty():
+                who, tb = errors.get_nowait()
+                if self.failure is None or "died" in self.failure[1]:
+                    self.failure = (who, tb)
+
+    def _watch(self, procs: dict[str, mp.process.BaseProcess], counters: SharedCounters,
+               errors: Any) -> None:
+        cfg = self.cfg
+        start = last = time.perf_counter()
+        last_snap = counters.snapshot()
+        total_train = total_training_steps(cfg)
+        self.evaluations_shown = len(read_evaluations(self.run_dir))  # older ones: a resume
+        waiting_announced = False
+        while True:
+            time.sleep(0.1)
+            self._drain_errors(errors)
+            if counters["stop"] and self.stop_reason is None and self.failure is None:
+                self.stop_reason = "SIGTERM to a child"
+                self.echo("a child process received SIGTERM: stopping the run (final "
+                          "checkpoint, then exit)")
+            if self.failure is not None or self.stop_reason is not None:
+                counters["stop"] = 1
+                # Give the learner time to write its final checkpoint.
+                procs["learner"].join(timeout=30.0)
+                return
+            for name, p in procs.items():
+                code = p.exitcode
+                if code is not None and code != 0:
+                    time.sleep(0.2)
+                    self._drain_errors(errors)
+                    if self.failure is None:
+                        self.failure = (name, f"{name} died ({describe_exit(code)})")
+                    break
+            if self.failure is not None:
+                continue
+            learner_finished = procs["learner"].exitcode == 0
+            if learner_finished and (counters["eval_done"] >= total_train
+                                     or procs["evaluator"].exitcode is not None):
+                self._progress(counters, last_snap, time.perf_counter() - last, start)
+                final = self._show_evaluations()
+                self.echo(f"done in {time.perf_counter() - start:.0f}s" + (
+                    f": final mean return {final['mean_return']:.1f}"
+                    if final and final["train_steps"] >= total_train else ""))
+                return
+            now = time.perf_counter()
+            if now - last >= cfg.run.log_interval_s:
+                self._show_evaluations()
+                if not learner_finished:
+                    self._progress(counters, last_snap, now - last, start)
+                elif not waiting_announced:
+                    self.echo(f"training done; the final evaluation ({cfg.run.eval_episodes} "
+                              "episodes) is running")
+                    waiting_announced = True
+                last, last_snap = now, counters.snapshot()
+
+    def _show_evaluations(self) -> dict[str, Any] | None:
+        """Echo the evaluator's rows not shown yet; returns the newest row, if any."""
+        rows = read_evaluations(self.run_dir)
+        for row in rows[self.evaluations_shown:]:
+            self.echo(describe_evaluation(row))
+        self.evaluations_shown = len(rows)
+        return rows[-1] if rows else None
+
+    def _progress(self, counters: SharedCounters, before: dict[str, Any], seconds: float,
+                  start: float) -> None:
+        snap = counters.snapshot()
+        env_rate = (snap["replay_env_steps"] - before["replay_env_steps"]) / max(seconds, 1e-9)
+        train_rate = (snap["train_steps"] - before["train_steps"]) / max(seconds, 1e-9)
+        waited = (snap["learner_wait_s"] - before["learner_wait_s"]) / max(seconds, 1e-9)
+        fills = {key: sum(r.fill() for r in rings) for key, rings in self.rings.items()}
+        slots = {key: sum(r.spec.num_slots for r in rings) for key, rings in self.rings.items()}
+        snap_fill = " ".join(f"{k} {fills[k]}/{slots[k]}" for k in fills)
+        row = {"wall_s": round(time.perf_counter() - start, 1),
+               "env_steps": snap["replay_env_steps"], "train_steps": snap["train_steps"],
+               "env_steps_per_s": round(env_rate, 2), "train_steps_per_s": round(train_rate, 2),
+               "learner_wait_fraction": round(min(waited, 1.0), 3),
+               **{f"ring_fill_{k}": fills[k] / slots[k] for k in fills},
+               "recent_return": snap["recent_return"] if snap["games"] else None,
+               "target_version": snap["target_version"],
+               "replay_positions": snap["replay_positions"],
+               **{k: snap[k] for k in FLOAT_COUNTERS if k.startswith("loss")},
+               **{k: snap[k] for k in LEARNER_METRICS}}
+        self.metrics.progress(row)
+        ret = "-" if row["recent_return"] is None else f"{row['recent_return']:.1f}"
+        self.echo(f"env {row['env_steps']:,}/{self.cfg.run.env_steps:,} | train "
+                  f"{row['train_steps']:,}/{total_training_steps(self.cfg):,} | return {ret} | "
+                  f"loss {row['loss']:.3f} | {env_rate:.0f} env/s {train_rate:.1f} train/s | "
+                  f"learner waits {100 * row['learner_wait_fraction']:.0f}% | "
+                  f"rings {snap_fill} | " + self.eta.text(
+                      row["env_steps"], self.cfg.run.env_steps, row["train_steps"],
+                      total_training_steps(self.cfg)))

@@ -1,0 +1,143 @@
+"""The training recipe: every rule a run follows, whichever runner runs it.
+
+Budgets and pacing, the temperature and importance-weight schedules, the seed streams, the
+builders of the search and the replay, what a checkpoint holds and the progress line. The
+serial trainer and the pipeline's roles call these and write none of them again.
+
+Pacing: after `run.start_transitions` steps of uniformly random play, training steps keep
+pace with collection so that training steps = replay_ratio x env steps (the first
+replay_ratio x start_transitions of them train on the random play, as in the reference);
+after the environment-step budget, `run.extra_training_steps` more training steps run
+without new data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ezengine.config import Config, config_to_dict
+from ezengine.envs import EnvDescription
+from ezengine.metrics import Eta
+from ezengine.model import EfficientZeroNet, build_model
+from ezengine.replay import ReplayBuffer, SampledPositions, initial_allocation
+from ezengine.search import BatchedSearch
+
+# ------------------------------------------------------------------ budgets and schedules
+
+
+def paced_training_steps(cfg: Config, env_steps: int) -> int:
+    """Training steps allowed once `env_steps` environment steps are collected:
+    replay_ratio x env_steps from the end of the random warm-up on (the warm-up's share
+    included), then the extra ones once the budget is collected (100k + 20k at the paper's
+    settings)."""
+    run = cfg.run
+    if env_steps < run.start_transitions:
+        return 0
+    paced = int(run.replay_ratio * min(env_steps, run.env_steps))
+    return paced + (run.extra_training_steps if env_steps >= run.env_steps else 0)
+
+
+def total_training_steps(cfg: Config) -> int:
+    """Training steps of a whole run: paced ones during collection plus the extra ones."""
+    return paced_training_steps(cfg, cfg.run.env_steps)
+
+
+def visit_temperature(cfg: Config, env_steps: int) -> float:
+    """Self-play temperature, stepping down at run.temperature_milestones (fractions of the
+    environment-step budget)."""
+    progress = env_steps / cfg.run.env_steps
+    passed = sum(progress >= m for m in cfg.run.temperature_milestones)
+    return cfg.run.visit_temperatures[passed]
+
+
+def importance_exponent(cfg: Config, train_steps: int) -> float:
+    """PER beta, annealed linearly from replay.beta_start to replay.beta_end over training."""
+    progress = min(train_steps / max(total_training_steps(cfg), 1), 1.0)
+    return cfg.replay.beta_start + (cfg.replay.beta_end - cfg.replay.beta_start) * progress
+
+
+# ------------------------------------------------------------------ seed streams
+
+
+def model_seed(cfg: Config) -> int:
+    """torch's seed for the initial weights."""
+    return cfg.run.seed
+
+
+def collector_seed(cfg: Config, index: int, env_steps: int = 0) -> int:
+    """Environments, root noise and action sampling of collector `index`; a resumed
+    collector (`env_steps` already collected) takes a fresh stream, so resumed episodes do
+    not repeat old ones."""
+    return cfg.run.seed + 1000 * (index + 1) + env_steps
+
+
+def reanalyse_seed(cfg: Config) -> int:
+    """Root noise of re-searched policy targets and the padding actions."""
+    return cfg.run.seed + 1
+
+
+def sampling_seed(cfg: Config) -> int:
+    """Replay sampling."""
+    return cfg.run.seed + 2
+
+
+def evaluation_seed(cfg: Config) -> int:
+    """Evaluation episodes (the same every evaluation, so evaluations compare)."""
+    return cfg.run.seed + 10_000
+
+
+# ------------------------------------------------------------------ builders
+
+
+def build_search(cfg: Config, num_actions: int, seed: int) -> BatchedSearch:
+    """The batched search for a config (search section, discount and prefix horizon)."""
+    return BatchedSearch(cfg.search, num_actions, cfg.learner.discount,
+                         cfg.learner.value_prefix_horizon, seed=seed)
+
+
+def build_replay(cfg: Config, env: EnvDescription, writers: int) -> ReplayBuffer:
+    """The prioritised replay for `writers` environments in all (spec: keep every
+    transition unless replay.capacity sets a window)."""
+    lc = cfg.learner
+    return ReplayBuffer(
+        cfg.replay.capacity, env.frame_shape, np.dtype(env.frame_dtype), env.num_actions,
+        num_writers=writers, alpha=cfg.replay.alpha, frame_stack=cfg.env.frame_stack,
+        lookahead=lc.unroll_steps + lc.td_steps,
+        initial_capacity=initial_allocation(cfg.run.env_steps, writers))
+
+
+def sample_batch_positions(cfg: Config, replay: ReplayBuffer, train_steps: int,
+                           rng: np.random.Generator) -> SampledPositions:
+    """Positions of the next training batch, with importance weights at the current beta."""
+    return replay.sample(cfg.learner.batch_size, importance_exponent(cfg, train_steps), rng)
+
+
+# ------------------------------------------------------------------ what a run writes
+
+
+def checkpoint_state(cfg: Config, learner_state: dict[str, Any],
+                     selfplay_state: dict[str, Any], env_steps: int) -> dict[str, Any]:
+    """What checkpoints/latest.pt holds: the learner (model, target, optimizer, steps),
+    the self-play weights, the env steps collected and the resolved config."""
+    return {"learner": learner_state, "selfplay": selfplay_state, "env_steps": env_steps,
+            "config": config_to_dict(cfg)}
+
+
+def progress_line(cfg: Config, row: dict[str, Any], eta: Eta, extra: str = "") -> str:
+    """The console line of a progress row (the row itself goes to metrics.jsonl)."""
+    ret = "-" if row.get("recent_return") is None else f"{row['recent_return']:.1f}"
+    loss = f" | loss {row['loss']:.3f}" if row.get("loss") is not None else ""
+    total_train = total_training_steps(cfg)
+    return (f"env {row['env_steps']:,}/{cfg.run.env_steps:,} | train "
+            f"{row['train_steps']:,}/{total_train:,} | return {ret}{loss} | "
+            f"{row['env_steps_per_s']:.0f} env/s {row['train_steps_per_s']:.1f} train/s | "
+            + (f"{extra} | " if extra else "")
+            + eta.text(row["env_steps"], cfg.run.env_steps, row["train_steps"], total_train))
+
+
+def build_network(cfg: Config, env: EnvDescription) -> EfficientZeroNet:
+    """A fresh network for `env` on the CPU, in eval mode (seed torch first for a given
+    initialisation)."""
+    return build_model(cfg.model, env.frame_shape, env.num_actions, cfg.env.frame_stack).eval()
