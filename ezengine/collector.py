@@ -55,9 +55,10 @@ def store_transition(replay: ReplayBuffer, record: Mapping[str, np.ndarray],
     """Append one transition record to the replay; environment i writes as writer
     `writer_offset + i`, and a finished episode is closed with its final observation.
 
-    collected_at: the env-step stamp of the positions, on the clock their age is measured
-    with (spec 2.5): the environment steps of all collectors together. It defaults to the
-    record's own env_steps, right when one collector feeds the replay (the serial trainer).
+    collected_at: the env-step stamp of the positions, on the clock their age (which
+    shortens the TD horizon) is measured with: the environment steps of all collectors
+    together. It defaults to the record's own env_steps, right when one collector feeds
+    the replay (the serial trainer).
     """
     env_steps = int(record["env_steps"][0]) if collected_at is None else collected_at
     done = record["terminated"] | record["truncated"]

@@ -7,7 +7,7 @@ game is finished and the next ``reset()`` starts a new one, i.e. the game really
 (truncated). A life loss under episodic life is ``terminated=True`` with
 ``game_over=False``.
 
-Atari wrapper order (inner to outer), as in spec section 1:
+Atari wrapper order (inner to outer):
 raw ALE (frameskip 1, no sticky actions) -> :class:`NoopReset` -> :class:`MaxAndSkip` ->
 :class:`ResizeObservation` -> :class:`StepCap` -> :class:`EpisodicLife` (training only).
 The cap sits below episodic life so it counts agent steps over the whole game, not per

@@ -48,7 +48,7 @@ def describe_evaluation(row: dict) -> str:
 @torch.no_grad()
 def evaluate(model: EfficientZeroNet, cfg: Config, episodes: int, seed: int) -> EvalResult:
     """Play `episodes` games in parallel (one environment each) with argmax-of-visits
-    actions and no root noise; evaluation episode cap and raw scores (spec section 1)."""
+    actions and no root noise; evaluation episode cap and raw (unclipped) scores."""
     start = time.perf_counter()
     model.eval()
     device = next(model.parameters()).device

@@ -1,4 +1,4 @@
-"""The learner: EfficientZero loss, optimisation and priorities (spec 2.3, 2.6, 2.7).
+"""The learner: EfficientZero loss, optimisation and priorities.
 
 Owns the online model, its target copy and the optimizer. ``train_step`` takes a
 :class:`~ezengine.batch.TrainingBatch` and returns metrics and new priorities.
@@ -32,7 +32,7 @@ def cross_entropy(target: Tensor, logits: Tensor) -> Tensor:
 
 
 def augment_images(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Random shift then intensity jitter for a batch of stacked frames (spec 2.6).
+    """Random shift then intensity jitter for a batch of stacked frames (EfficientZero paper).
 
     x: float [B, C, H, W] in [0, 1]. Replicate-pad by 4, crop back to H x W at a random
     offset, then multiply by 1 + 0.05 * clip(N(0, 1), -2, 2); one draw per sample,
@@ -171,7 +171,7 @@ class Learner:
         weights = torch.from_numpy(batch.weights).to(self.device)
         loss = (weights * per_sample).mean()
         self.optimizer.zero_grad(set_to_none=True)
-        # The whole loss gradient is scaled by 1/K (spec 2.3).
+        # The whole loss gradient is scaled by 1/K, as in the EfficientZero reference code.
         self.scaler.scale(loss / lc.unroll_steps).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), lc.grad_clip)

@@ -1,10 +1,10 @@
 """EfficientZero networks: representation, dynamics (with value-prefix LSTM), prediction,
-and the SimSiam projection used by the consistency loss (spec section 1 "Network").
+and the SimSiam projection used by the consistency loss, as in the EfficientZero paper.
 
 Two bodies share one interface, :class:`EfficientZeroNet`:
 
-- ``kind="conv"`` for image observations: the paper's Atari network, exactly as the spec
-  lists it (about 8.4M parameters with 18 actions and the default sizes).
+- ``kind="conv"`` for image observations: the paper's Atari network, layer for layer
+  (about 8.4M parameters with 18 actions and the default sizes).
 - ``kind="mlp"`` for vector observations (CartPole and other gymnasium tasks): the same
   roles, heads, LSTM and projection with fully connected bodies.
 
@@ -298,7 +298,7 @@ class EfficientZeroNet(nn.Module):
         self.representation_net = representation
         self.dynamics_net = dynamics
         self.prediction_net = prediction
-        # SimSiam projector and predictor (spec 2.6); the target branch skips the head.
+        # SimSiam projector and predictor; the target branch skips the head.
         self.projection = nn.Sequential(
             nn.Linear(latent_flat_dim, projection_hidden), nn.BatchNorm1d(projection_hidden),
             nn.ReLU(),

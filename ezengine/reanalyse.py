@@ -1,4 +1,4 @@
-"""Reanalyse: complete training batches from sampled replay positions (spec 2.4, 2.5).
+"""Reanalyse: complete training batches from sampled replay positions.
 
 For a sampled position t and every c in t..t+K this builds:
 

@@ -98,8 +98,8 @@ def build_search(cfg: Config, num_actions: int, seed: int) -> BatchedSearch:
 
 
 def build_replay(cfg: Config, env: EnvDescription, writers: int) -> ReplayBuffer:
-    """The prioritised replay for `writers` environments in all (spec: keep every
-    transition unless replay.capacity sets a window)."""
+    """The prioritised replay for `writers` environments in all; it keeps
+    every transition unless replay.capacity sets a window."""
     lc = cfg.learner
     return ReplayBuffer(
         cfg.replay.capacity, env.frame_shape, np.dtype(env.frame_dtype), env.num_actions,

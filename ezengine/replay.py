@@ -8,9 +8,10 @@ and records whether the episode really terminated there (else it was truncated o
 values bootstrap from it).
 
 Positions are numbered globally in write order and live in slot ``g % capacity`` of flat
-arrays. By default every position is kept (spec section 3, decision 4): the arrays grow
-when full, so ``capacity`` never falls behind the positions written and slot ``g`` is
-``g``. With a fixed capacity the buffer wraps instead, overwriting the oldest positions.
+arrays. By default every position is kept (the paper's budget fits in memory, so nothing
+is thrown away): the arrays grow when full, so ``capacity`` never falls behind the
+positions written and slot ``g`` is ``g``. With a fixed capacity the buffer wraps
+instead, overwriting the oldest positions.
 Several environments write interleaved, so a trajectory's positions are linked by
 ``pred``/``succ`` global indices rather than being contiguous. A position becomes
 sampleable once ``lookahead`` successors exist (every target it needs is stored) or its
@@ -30,7 +31,7 @@ from ezengine_core.sumtree import SumTree
 @dataclass
 class SampledPositions:
     """A prioritized sample. positions: int64 [B] global indices; weights: float32 [B]
-    importance weights (N P(i))^-beta / max w, the max over this sample (spec 2.7)."""
+    importance weights (N P(i))^-beta / max w, the max over this sample."""
 
     positions: np.ndarray
     weights: np.ndarray

@@ -1,5 +1,8 @@
 """Shared-memory rings, counters and weights: how pipeline processes exchange data.
 
+(One module of about 800 lines on purpose: the three block types share the segment
+lifecycle and the memory-ordering argument below, which hold only together.)
+
 Every block lives in one POSIX shared-memory segment whose name starts with a run prefix
 (``run_prefix()`` gives ``ez-<pid>-``), so a run's segments are identifiable in /dev/shm and
 ``unlink_segments(prefix)`` can remove leftovers after a crash.

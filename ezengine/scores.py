@@ -2,7 +2,7 @@
 
 The table ``ezengine/data/atari100k_scores.csv`` (carried in the package) gives, per game,
 the random and human scores that define HNS = (score - random) / (human - random), and the
-scores the EfficientZero paper reports for SPR, MuZero and EfficientZero (spec section 4).
+scores the EfficientZero paper reports for SPR, MuZero and EfficientZero.
 
 A suite report reads runs that already finished; it evaluates nothing. Each run's score is
 its FINAL evaluation: the last row of its ``eval.jsonl``, which the trainer writes for the

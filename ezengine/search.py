@@ -75,7 +75,7 @@ def dirichlet_noise(rng: np.random.Generator, alpha: float, legal: np.ndarray) -
 
 
 class BatchedSearch:
-    """MCTS over batches of observations with one model (spec 2.8).
+    """MCTS over batches of observations with one model.
 
     Args:
         cfg: the search settings.

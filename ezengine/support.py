@@ -1,7 +1,7 @@
 """Scalar <-> categorical support conversions for value and value-prefix heads.
 
 EfficientZero predicts values and value prefixes as logits over the integer support
--S..S on a squashed scale h(x) (spec 2.1, 2.2). Everything here is torch, works on any
+-S..S on a squashed scale h(x), as in MuZero. Everything here is torch, works on any
 leading batch shape, and keeps gradients where they are meaningful.
 """
 
@@ -33,7 +33,7 @@ def scalar_transform(x: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
 
 
 def inverse_scalar_transform(y: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
-    """Exact inverse of :func:`scalar_transform`, elementwise (spec 2.1).
+    """Exact inverse of :func:`scalar_transform`, elementwise.
 
     Computes sign(y) * (((sqrt(1 + 4 eps (|y| + 1 + eps)) - 1) / (2 eps))^2 - 1).
     y: any shape; returns float32 (float64 if y is float64), same shape.
@@ -48,7 +48,7 @@ def inverse_scalar_transform(y: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
 
 
 def scalar_to_support(x: Tensor, support_size: int, eps: float = DEFAULT_EPS) -> Tensor:
-    """Two-hot projection of scalar targets onto the support -S..S (spec 2.2).
+    """Two-hot projection of scalar targets onto the support -S..S.
 
     x: [...] any real dtype. Returns [..., 2 * support_size + 1] float32 (float64 for
     float64 input); each row sums to 1. y = clamp(h(x), -S, S) puts weight

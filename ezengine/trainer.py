@@ -69,7 +69,7 @@ class SerialTrainer:
         self.echo = echo
         self.device = resolve_device(cfg.run.device)
         # One intra-op thread on CPU: this model's ops are small, and with other processes
-        # on the machine more threads stall (design.md, CPU traps).
+        # on the machine extra threads only wait for busy cores and stall.
         configure_torch(threads=1 if self.device.type == "cpu" else None)
         # The seed streams of the pipeline's learner, collector 0 and replay worker.
         torch.manual_seed(model_seed(cfg))

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Batched MCTS for EfficientZero (spec section 2.8), with the whole forest in flat C arrays.
+"""Batched MCTS for EfficientZero, with the whole forest in flat C arrays.
 
 Many roots are searched in lockstep. Python drives one simulation at a time for the whole
 batch::

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Sum-tree over replay priorities for prioritized experience replay (spec 2.7).
+"""Sum-tree over replay priorities for prioritized experience replay.
 
 Leaves hold priority**alpha; internal nodes hold the sum of their children, and parallel
 min- and max-trees hold the minimum (for importance weights) and the maximum (new data

@@ -1,4 +1,4 @@
-"""Pure-Python reference of the batched MCTS (spec 2.8), written from the spec for clarity.
+"""Pure-Python reference of the batched MCTS, written from the EfficientZero rules for clarity.
 
 One `Node` object per node; each root searched independently. The compiled core must give
 the same visit counts and root values. Floating-point operations follow the same order as

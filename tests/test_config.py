@@ -57,7 +57,7 @@ def test_defaults_are_the_papers_atari_settings() -> None:
     assert (c.search.dirichlet_alpha, c.search.exploration_fraction) == (0.3, 0.25)
     assert c.search.value_delta_floor == 0.01
 
-    assert c.replay.capacity == 0  # keep every position (spec section 3, decision 4)
+    assert c.replay.capacity == 0  # keep every position
     assert (c.replay.alpha, c.replay.beta_start, c.replay.beta_end) == (0.6, 0.4, 1.0)
     assert c.replay.priority_eps == 1e-6
 

@@ -1,5 +1,5 @@
 """Learner: learning-rate schedule, gradient scaling, stop-gradient, masks, PER weights,
-priorities, image augmentation and checkpoint round trips (spec 2.3, 2.6, 2.7)."""
+priorities, image augmentation and checkpoint round trips."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_scale_gradient_identity_forward_scaled_backward():
 
 
 def manual_consistency(model, batch: TrainingBatch, stop_gradient: bool) -> torch.Tensor:
-    """Per-sample sum_k m_k * -cos(pred(proj(s_hat_k)), proj(repr(o_{t+k}))) (spec 2.6)."""
+    """Per-sample sum_k m_k * -cos(pred(proj(s_hat_k)), proj(repr(o_{t+k})))."""
     b = batch.frames.shape[0]
     nxt = torch.from_numpy(batch.frames[:, 1:].reshape(b * K, -1))
     target = model.project(model.represent(nxt), with_head=False).reshape(b, K, -1)
@@ -177,7 +177,7 @@ def test_no_gradient_through_the_consistency_target_branch():
 
 
 def test_consistency_targets_are_encoded_one_unroll_step_at_a_time():
-    # BatchNorm statistics per step (spec 2.6): the target of step 1 must not depend on
+    # BatchNorm statistics per step: the target of step 1 must not depend on
     # the observations at step 2. With steps 2.. masked, the consistency loss is step 1's
     # alone; moving o_{t+2} far away must leave it unchanged (a pooled batch of B x K
     # observations would shift step 1's normalisation).

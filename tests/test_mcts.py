@@ -11,7 +11,7 @@ PB_BASE = 19652.0
 
 
 def pb(n_p: float) -> float:
-    """The pUCT exploration factor of spec 2.8 before the prior and 1/(1+N) terms."""
+    """The pUCT exploration factor before the prior and 1/(1+N) terms."""
     return (1.25 + math.log((n_p + PB_BASE + 1.0) / PB_BASE)) * math.sqrt(n_p)
 
 

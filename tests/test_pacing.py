@@ -1,4 +1,4 @@
-"""The training budget and its pacing against collection (spec section 1)."""
+"""The training budget and its pacing against collection."""
 
 from __future__ import annotations
 

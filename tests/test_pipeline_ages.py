@@ -1,4 +1,4 @@
-"""Sample ages in the pipeline (spec 2.5) with several collectors: the replay worker stamps
+"""Sample ages in the pipeline with several collectors: the replay worker stamps
 what it ingests on the clock ages are measured with (the env steps of all collectors
 together), live and when a resumed run rebuilds its replay from the collectors' logs.
 

@@ -379,7 +379,7 @@ def test_importance_weights_by_hand_for_three_items():
 
 def test_importance_weights_are_normalised_by_the_samples_largest_weight():
     # A position with a tiny priority that is (practically) never sampled must not shrink
-    # the weights of the others: the max weight is taken over the sample (spec 2.7).
+    # the weights of the others: the max weight is taken over the sample.
     rb = make_buffer(writers=1, lookahead=10, alpha=0.6)
     for v in range(4):
         put(rb, 0, v)

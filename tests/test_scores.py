@@ -68,7 +68,7 @@ def test_hns_arithmetic() -> None:
 
 
 def test_paper_aggregates() -> None:
-    # The paper's own EfficientZero column: mean HNS 1.943, median 1.090 (spec section 4).
+    # The paper's own EfficientZero column: mean HNS 1.943, median 1.090.
     paper = {g: row.efficientzero for g, row in score_table().items()}
     agg = aggregate_suite(paper)
     assert agg["games"] == 26

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the scalar transform and the two-hot support (spec 2.1, 2.2)."""
+"""Hand-computed checks of the scalar transform and the two-hot support."""
 
 from __future__ import annotations
 

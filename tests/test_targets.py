@@ -1,4 +1,4 @@
-"""Reanalyse target maths (spec 2.4, 2.5, section 3 decisions 1 and 2) with numbers by hand.
+"""Reanalyse target maths with numbers by hand.
 
 Most tests replace the target model's value estimate with v(o_g) = 100 + g for global
 position g, so every value target is an exact number; gamma = 0.5 keeps them exact in
@@ -162,7 +162,7 @@ def test_value_targets_full_and_shortened_horizons_mid_trajectory():
 def test_value_targets_bootstrap_across_the_physical_wraparound():
     # Capacity 8. Filler g0..g4 closed at g5; then g6..g12 with r_g = g - 5 (1..7) in
     # slots 6, 7, 0, 1, 2, 3, 4, closed (TRUNCATED) at g13 in slot 5. The arrays' end
-    # between slots 7 and 0 is not an episode end (spec section 3, decision 1).
+    # between slots 7 and 0 is not an episode end.
     rb = ReplayBuffer(8, (2,), np.float32, A, num_writers=1, alpha=1.0, frame_stack=1,
                       lookahead=5)
     for g in range(5):

@@ -77,8 +77,8 @@ def ingest_record(replay: ReplayBuffer, record: Any, collector: int, env_steps: 
     """Store one record of collector `collector` (its environments write as writers
     collector * num_envs + e) and count its steps in `env_steps` (per collector). The
     positions are stamped with the total over all collectors, this record included: ages
-    are measured against that total (spec 2.5), so a collector's own count would make new
-    data look old."""
+    (which shorten the TD horizon of old data) are measured against that total, so a
+    collector's own count would make new data look old."""
     env_steps[collector] = int(record["env_steps"][0])
     store_transition(replay, record, collector * num_envs, sum(env_steps))
 
