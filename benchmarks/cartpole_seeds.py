@@ -8,7 +8,8 @@ line per run to the output file (so a long study can be stopped and continued).
 
 Modes: `pipeline` (the default run, alone on the machine), `one-core` (the pipeline confined
 to CPU 0 with `taskset -c 0`), `neighbour` (the pipeline beside a process that keeps one
-core busy), `serial` (`--serial`, alone). A run already in the output file (same seed, mode
+core busy), `serial` (`--serial` on CPU 1; deterministic, so it may share the machine with a
+`one-core` run on CPU 0). A run already in the output file (same seed, mode
 and overrides) is skipped. `--table` prints the file as a Markdown table instead.
 """
 
@@ -29,13 +30,16 @@ MODES = ("pipeline", "one-core", "neighbour", "serial")
 BUSY_LOOP = "while True: pass"
 
 
-def train_command(mode: str, seed: int, run_dir: Path, overrides: list[str]) -> list[str]:
+def train_command(mode: str, seed: int, run_dir: Path, overrides: list[str],
+                  serial_cpu: int = 1) -> list[str]:
     cmd = [*EZ, "train", "configs/cartpole.yaml", "--seed", str(seed), "--run-dir",
            str(run_dir)]
     for item in overrides:
         cmd += ["--set", item]
     if mode == "serial":
-        cmd.append("--serial")
+        # One process, pinned to one CPU (1 by default); its result does not depend on
+        # timing, so it may run beside a one-core run (pinned to CPU 0).
+        cmd = ["taskset", "-c", str(serial_cpu), *cmd, "--serial"]
     if mode == "one-core":
         cmd = ["taskset", "-c", "0", *cmd]
     return cmd
@@ -47,7 +51,8 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def one_run(mode: str, seed: int, overrides: list[str], keep: Path | None) -> dict:
+def one_run(mode: str, seed: int, overrides: list[str], keep: Path | None,
+            serial_cpu: int = 1) -> dict:
     """Train, then score with `ezengine eval --episodes 20`; the run's own record. The run
     directory is kept under `keep` (if given) for a closer look."""
     with tempfile.TemporaryDirectory(prefix="cartpole-") as tmp:
@@ -57,7 +62,7 @@ def one_run(mode: str, seed: int, overrides: list[str], keep: Path | None) -> di
                      if mode == "neighbour" else None)
         try:
             t0 = time.perf_counter()
-            proc = subprocess.run(train_command(mode, seed, run_dir, overrides), cwd=ROOT,
+            proc = subprocess.run(train_command(mode, seed, run_dir, overrides, serial_cpu), cwd=ROOT,
                                   capture_output=True, text=True)
             wall = time.perf_counter() - t0
         finally:
@@ -110,6 +115,8 @@ def main() -> None:
                         metavar="KEY=VALUE")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep each run directory under this folder")
+    parser.add_argument("--serial-cpu", type=int, default=1,
+                        help="the CPU a serial run is pinned to")
     parser.add_argument("--table", action="store_true", help="print the file as Markdown")
     args = parser.parse_args()
     if args.table:
@@ -122,7 +129,7 @@ def main() -> None:
                 continue
             row = {"mode": mode, "seed": seed, "overrides": args.overrides,
                    "load_before": Path("/proc/loadavg").read_text().split()[0],
-                   **one_run(mode, seed, args.overrides, args.keep)}
+                   **one_run(mode, seed, args.overrides, args.keep, args.serial_cpu)}
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
