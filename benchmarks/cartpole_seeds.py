@@ -62,8 +62,8 @@ def one_run(mode: str, seed: int, overrides: list[str], keep: Path | None,
                      if mode == "neighbour" else None)
         try:
             t0 = time.perf_counter()
-            proc = subprocess.run(train_command(mode, seed, run_dir, overrides, serial_cpu), cwd=ROOT,
-                                  capture_output=True, text=True)
+            proc = subprocess.run(train_command(mode, seed, run_dir, overrides, serial_cpu),
+                                  cwd=ROOT, capture_output=True, text=True)
             wall = time.perf_counter() - t0
         finally:
             if neighbour is not None:
