@@ -431,7 +431,6 @@ class Ring(_SharedBlock):
         self._write_views = [self.layout.views(shm.buf, s) for s in starts]
         self._read_views = [self.layout.views(self._ro_buf, s) for s in starts]
         self._writing = self._reading = False
-        self.blocked_writes = 0  # this process's writes that found the ring full
         self.blocked_reads = 0  # this process's reads that found it empty
 
     @classmethod
@@ -505,7 +504,6 @@ class Ring(_SharedBlock):
         w = int(hdr[_W])  # only this process writes it
         if not hdr[_CLOSED] and w - int(hdr[_R]) < self.num_slots:
             return w
-        self.blocked_writes += 1
         deadline = None if timeout is None else time.monotonic() + timeout
         sleep = _SLEEP_MIN
         while True:

@@ -43,7 +43,11 @@ def holds_run(path: Path) -> bool:
 
 def _lock(path: Path) -> int:
     """Exclusive, non-blocking lock on path/.lock; the fd stays open for the process."""
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunDirError(f"cannot lock run directory {path}: {exc.strerror}; is it "
+                          "writable?") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -94,6 +98,7 @@ def claim_run_dir(path: str | Path, *, resume: bool) -> Iterator[Claim]:
             f"{path} already holds a run; continue it with `ezengine train --resume {path}` "
             f"or give a new --run-dir")
     created = not path.exists()
+    existing = set() if created else {p.name for p in path.iterdir()}
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -109,23 +114,23 @@ def claim_run_dir(path: str | Path, *, resume: bool) -> Iterator[Claim]:
         yield claim
     except BaseException:
         if not resume and not has_progress(path):
-            _undo_start(path, created)
+            _undo_start(path, created, existing)
         raise
     else:
         if claim.failed and not resume and not has_progress(path):
-            _undo_start(path, created)
+            _undo_start(path, created, existing)
     finally:
         os.close(fd)  # releases the lock; the file stays (unlinking it would race a waiter)
 
 
-def _undo_start(path: Path, created: bool) -> None:
-    """Remove what a failed start made: the directory if the claim created it, else its
-    contents (it was empty before)."""
+def _undo_start(path: Path, created: bool, existing: set[str]) -> None:
+    """Remove what a failed start made: the directory if the claim created it, else only
+    the entries that were not there before (a user's own files are never touched)."""
     if created:
         shutil.rmtree(path, ignore_errors=True)
         return
     for child in path.iterdir():
-        if child.name != LOCK_FILE:
+        if child.name not in existing and child.name != LOCK_FILE:
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
 
 

@@ -62,10 +62,13 @@ def test_a_second_claim_on_a_held_directory_refuses_at_once(tmp_path):
 
 
 def test_a_failed_start_leaves_no_half_made_run_directory(tmp_path):
-    # A directory the claim created is removed; one that existed empty is emptied again.
+    # A directory the claim created is removed; in one that existed, only what the start
+    # made goes: a user's own files stay.
     empty = tmp_path / "empty"
     empty.mkdir()
-    for run in (tmp_path / "new", empty):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    for run in (tmp_path / "new", empty, tmp_path / "mine"):
         with pytest.raises(RuntimeError), claim_run_dir(run, resume=False):
             (run / "replay").mkdir()
             (run / "replay" / "collector-0.bin").write_bytes(b"")
@@ -73,6 +76,8 @@ def test_a_failed_start_leaves_no_half_made_run_directory(tmp_path):
             raise RuntimeError("start-up failed")
     assert not (tmp_path / "new").exists()
     assert [p.name for p in empty.iterdir() if p.name != ".lock"] == []
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [".lock", "notes.txt"]
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
     # A failure reported without raising (a pipeline's exit code) is undone as well.
     with claim_run_dir(tmp_path / "coded", resume=False) as claim:
         (tmp_path / "coded" / "config.yaml").write_text("x: 1\n")
@@ -190,3 +195,30 @@ def test_every_help_shows_an_example(command):
     examples = out.split("Examples:", 1)[1]
     assert f"ezengine {command} " in examples
 
+
+
+def test_ctrl_c_in_a_serial_run_says_what_is_saved(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ezengine.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    args = [*TINY_SERIAL, "--env-steps", "100000"]  # the last --env-steps wins
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from ezengine.cli import main; main()", "train", CARTPOLE,
+         "--run-dir", str(run), *args], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    ckpt = run / "checkpoints" / "latest.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    steps = load_checkpoint(ckpt)["learner"]["steps"]
+    assert out.rstrip().splitlines()[-1] == (
+        f"stopped: training step {steps:,} is saved in {ckpt} (a --serial run keeps no replay "
+        f"logs, so it cannot be resumed; evaluate it with `ezengine eval {run}`)")
