@@ -13,6 +13,7 @@ without new data.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,11 @@ def sample_batch_positions(cfg: Config, replay: ReplayBuffer, train_steps: int,
 
 
 # ------------------------------------------------------------------ what a run writes
+
+
+def recent_returns() -> deque[float]:
+    """The finished training games whose mean the progress line shows: the last 20."""
+    return deque(maxlen=20)
 
 
 def checkpoint_state(cfg: Config, learner_state: dict[str, Any],

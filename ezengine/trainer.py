@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from ezengine.recipe import (
     paced_training_steps,
     progress_line,
     reanalyse_seed,
+    recent_returns,
     sample_batch_positions,
     sampling_seed,
     total_training_steps,
@@ -87,7 +87,7 @@ class SerialTrainer:
                                      seed=reanalyse_seed(cfg))
         self.sample_rng = np.random.default_rng(sampling_seed(cfg))
         self.total_train_steps = total_training_steps(cfg)
-        self.recent_returns: deque[float] = deque(maxlen=20)
+        self.recent_returns = recent_returns()
         self.evaluations: list[dict[str, Any]] = []
         self.eta = Eta()
 

@@ -4,7 +4,6 @@ learner's priorities and builds training batches with the target model."""
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import fields
 from typing import Any
 
@@ -34,6 +33,7 @@ from ezengine.recipe import (
     build_replay,
     paced_training_steps,
     reanalyse_seed,
+    recent_returns,
     sample_batch_positions,
     sampling_seed,
     total_training_steps,
@@ -62,7 +62,7 @@ class ReplayWorker:
         self.n = n
         self.replay = build_replay(cfg, spec.env, writers=spec.num_collectors * n)
         self.env_steps = [0] * spec.num_collectors
-        self.recent: deque[float] = deque(maxlen=20)
+        self.recent = recent_returns()
         if spec.resume:
             self.env_steps = rebuild_from_logs(
                 self.replay, [log_path(spec.run_dir, i) for i in range(spec.num_collectors)],

@@ -33,7 +33,7 @@ from ezengine.pipeline.spec import (
 )
 from ezengine.pipeline.transition_log import TransitionLog, log_path
 from ezengine.pipeline.weights import state_size
-from ezengine.recipe import build_network, total_training_steps
+from ezengine.recipe import build_network, progress_line, total_training_steps
 from ezengine.rings import (
     Ring,
     SharedCounters,
@@ -300,11 +300,6 @@ class PipelineTrainer:
                **{k: snap[k] for k in FLOAT_COUNTERS if k.startswith("loss")},
                **{k: snap[k] for k in LEARNER_METRICS}}
         self.metrics.progress(row)
-        ret = "-" if row["recent_return"] is None else f"{row['recent_return']:.1f}"
-        self.echo(f"env {row['env_steps']:,}/{self.cfg.run.env_steps:,} | train "
-                  f"{row['train_steps']:,}/{total_training_steps(self.cfg):,} | return {ret} | "
-                  f"loss {row['loss']:.3f} | {env_rate:.0f} env/s {train_rate:.1f} train/s | "
-                  f"learner waits {100 * row['learner_wait_fraction']:.0f}% | "
-                  f"rings {snap_fill} | " + self.eta.text(
-                      row["env_steps"], self.cfg.run.env_steps, row["train_steps"],
-                      total_training_steps(self.cfg)))
+        self.echo(progress_line(
+            self.cfg, row, self.eta,
+            extra=f"learner waits {100 * row['learner_wait_fraction']:.0f}% | rings {snap_fill}"))
