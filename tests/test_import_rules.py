@@ -65,3 +65,12 @@ def test_the_rule_sees_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from ezengine.trainer import SerialTrainer\n")
     assert reaches(imported_modules(bad), "ezengine.trainer")
+
+
+def test_every_package_ships_in_a_wheel():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for p in [*PACKAGE.rglob("__init__.py"), *ROOT.glob("ezengine_core/__init__.py")]}
+    assert found <= listed, found - listed
