@@ -104,9 +104,7 @@ class Agent:
         self.observation_shape = observation_shape
         self.num_actions = model.num_actions
         self.device = next(model.parameters()).device
-        lc = config.learner
-        self._search = BatchedSearch(config.search, self.num_actions, lc.discount,
-                                     lc.value_prefix_horizon, seed=seed)
+        self._search = BatchedSearch.for_config(config, self.num_actions, seed)
         self._rng = np.random.default_rng(seed)
 
     @classmethod

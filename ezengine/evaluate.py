@@ -53,8 +53,7 @@ def evaluate(model: EfficientZeroNet, cfg: Config, episodes: int, seed: int) -> 
     model.eval()
     device = next(model.parameters()).device
     envs = VectorEnv(cfg.env, seed=seed, train=False, num_envs=episodes)
-    search = BatchedSearch(cfg.search, envs.num_actions, cfg.learner.discount,
-                           cfg.learner.value_prefix_horizon, seed=seed)
+    search = BatchedSearch.for_config(cfg, envs.num_actions, seed)
     stacks = FrameStacks(envs.reset(), cfg.env.frame_stack)
     returns = np.full(episodes, np.nan)
     lengths = np.zeros(episodes, dtype=np.int64)

@@ -59,8 +59,7 @@ class Reanalyser:
         self.cfg = cfg
         self.replay = replay
         self.num_actions = num_actions
-        self.search = BatchedSearch(cfg.search, num_actions, cfg.learner.discount,
-                                    cfg.learner.value_prefix_horizon, seed=seed)
+        self.search = BatchedSearch.for_config(cfg, num_actions, seed)
         self.rng = np.random.default_rng(seed)
 
     def _model_input(self, positions: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -23,7 +23,6 @@ from ezengine.envs import EnvDescription
 from ezengine.metrics import Eta
 from ezengine.model import EfficientZeroNet, build_model
 from ezengine.replay import ReplayBuffer, SampledPositions, initial_allocation
-from ezengine.search import BatchedSearch
 
 # ------------------------------------------------------------------ budgets and schedules
 
@@ -90,12 +89,6 @@ def evaluation_seed(cfg: Config) -> int:
 
 
 # ------------------------------------------------------------------ builders
-
-
-def build_search(cfg: Config, num_actions: int, seed: int) -> BatchedSearch:
-    """The batched search for a config (search section, discount and prefix horizon)."""
-    return BatchedSearch(cfg.search, num_actions, cfg.learner.discount,
-                         cfg.learner.value_prefix_horizon, seed=seed)
 
 
 def build_replay(cfg: Config, env: EnvDescription, writers: int) -> ReplayBuffer:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ezengine.config import SearchConfig
+from ezengine.config import Config, SearchConfig
 from ezengine.model import EfficientZeroNet
 from ezengine.support import support_to_scalar
 from ezengine_core.mcts import Forest
@@ -95,6 +95,13 @@ class BatchedSearch:
         self.rng = np.random.default_rng(seed)
         self._forest: Forest | None = None
         self._forest_capacity = 0
+
+    @classmethod
+    def for_config(cls, cfg: Config, num_actions: int, seed: int) -> BatchedSearch:
+        """The search a run's config describes: its search section, the learner's discount
+        and value-prefix horizon. Every search of a run is built here."""
+        return cls(cfg.search, num_actions, cfg.learner.discount,
+                   cfg.learner.value_prefix_horizon, seed=seed)
 
     def _forest_for(self, batch: int) -> Forest:
         if self._forest is None or self._forest_capacity < batch:

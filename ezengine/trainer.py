@@ -37,7 +37,6 @@ from ezengine.model import build_model
 from ezengine.reanalyse import Reanalyser
 from ezengine.recipe import (
     build_replay,
-    build_search,
     checkpoint_state,
     collector_seed,
     evaluation_seed,
@@ -52,6 +51,7 @@ from ezengine.recipe import (
     visit_temperature,
 )
 from ezengine.rundir import claim_run_dir, stopped_line
+from ezengine.search import BatchedSearch
 
 
 class SerialTrainer:
@@ -80,8 +80,8 @@ class SerialTrainer:
         self.learner = Learner(cfg, model, self.device)
         self.selfplay = copy.deepcopy(self.learner.model).eval()
         self.replay = build_replay(cfg, env, writers=self.envs.num_envs)
-        self.collector = Collector(self.envs, build_search(cfg, env.num_actions, seed),
-                                   clip_rewards=cfg.env.clip_rewards,
+        search = BatchedSearch.for_config(cfg, env.num_actions, seed)
+        self.collector = Collector(self.envs, search, clip_rewards=cfg.env.clip_rewards,
                                    frame_stack=cfg.env.frame_stack, seed=seed)
         self.reanalyser = Reanalyser(cfg, self.replay, env.num_actions,
                                      seed=reanalyse_seed(cfg))

@@ -26,7 +26,6 @@ from ezengine.pipeline.transport import (
 )
 from ezengine.recipe import (
     build_network,
-    build_search,
     collector_seed,
     visit_temperature,
 )
@@ -36,7 +35,7 @@ from ezengine.rings import (
     SharedCounters,
     SharedWeights,
 )
-from ezengine.search import SearchResult
+from ezengine.search import BatchedSearch, SearchResult
 
 
 def run_collector(spec: PipelineSpec, index: int) -> None:
@@ -50,7 +49,7 @@ def run_collector(spec: PipelineSpec, index: int) -> None:
     n = cfg.env.num_envs
     seed = collector_seed(cfg, index, start_steps)
     envs = VectorEnv(cfg.env, seed=seed, train=True)
-    search = build_search(cfg, spec.env.num_actions, seed)
+    search = BatchedSearch.for_config(cfg, spec.env.num_actions, seed)
     collector = Collector(envs, search, clip_rewards=cfg.env.clip_rewards,
                           frame_stack=cfg.env.frame_stack, seed=seed, env_steps=start_steps)
     remote = (SearchClient(attach(Ring, spec.search_requests[index]),

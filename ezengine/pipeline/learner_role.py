@@ -28,7 +28,6 @@ from ezengine.pipeline.transport import (
 from ezengine.pipeline.weights import publish_state
 from ezengine.recipe import (
     build_network,
-    build_search,
     checkpoint_state,
     collector_seed,
     model_seed,
@@ -40,7 +39,7 @@ from ezengine.rings import (
     SharedCounters,
     SharedWeights,
 )
-from ezengine.search import SearchResult
+from ezengine.search import BatchedSearch, SearchResult
 
 
 def reanalyse_in_learner(cfg: Config) -> bool:
@@ -120,7 +119,8 @@ class SearchServer:
         # Seeded like the collectors' own searches, by the steps so far: a resumed run does
         # not repeat its root noise.
         start = counters["replay_env_steps"]
-        self.searches = [build_search(cfg, spec.env.num_actions, collector_seed(cfg, i, start))
+        self.searches = [BatchedSearch.for_config(cfg, spec.env.num_actions,
+                                                  collector_seed(cfg, i, start))
                          for i in range(len(self.requests))]
         self.refresh()
 
