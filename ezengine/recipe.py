@@ -1,8 +1,9 @@
 """The training recipe: every rule a run follows, whichever runner runs it.
 
 Budgets and pacing, the temperature and importance-weight schedules, the seed streams, the
-builders of the search and the replay, what a checkpoint holds and the progress line. The
-serial trainer and the pipeline's roles call these and write none of them again.
+builders of the replay and the network, what a checkpoint holds and the progress line (a
+search comes from `BatchedSearch.for_config`). The serial trainer and the pipeline's roles
+call these and write none of them again.
 
 Pacing: after `run.start_transitions` steps of uniformly random play, training steps keep
 pace with collection so that training steps = replay_ratio x env steps (the first
