@@ -23,7 +23,7 @@ import torch
 from ezengine.checkpoint import load_checkpoint
 from ezengine.config import Config, config_from_dict
 from ezengine.device import resolve_device
-from ezengine.envs import make_env
+from ezengine.envs import describe_env
 from ezengine.evaluate import evaluate
 from ezengine.model import EfficientZeroNet, build_model
 from ezengine.scores import human_normalized_score, is_atari100k
@@ -126,11 +126,9 @@ class Agent:
                              f"'learner' and 'config' entries SerialTrainer.checkpoint writes)")
         cfg = config_from_dict(state["config"], source=f"{file} (stored config)",
                                overrides=overrides)
-        # One environment tells the frame shape and action count the network was built for.
-        env = make_env(cfg.env, seed=0, train=False)
-        shape = tuple(env.observation_space.shape)
-        num_actions = int(env.action_space.n)
-        env.close()
+        # The environment tells the frame shape and action count the network was built for.
+        env = describe_env(cfg.env)
+        shape, num_actions = env.frame_shape, env.num_actions
         net = build_model(cfg.model, shape, num_actions, cfg.env.frame_stack)
         try:
             net.load_state_dict(state["learner"]["model"])

@@ -131,11 +131,11 @@ def _check_runnable(cfg: Config, source: Path) -> None:
     """One clear line, before anything is created, when the run cannot start: the device
     is not there or the environment cannot be made."""
     from ezengine.device import resolve_device
-    from ezengine.envs import make_env
+    from ezengine.envs import describe_env
 
     try:
         resolve_device(cfg.run.device)
-        make_env(cfg.env, seed=0, train=True).close()
+        describe_env(cfg.env)
     except ValueError as exc:
         raise click.ClickException(f"{source}: {exc}") from None
 
