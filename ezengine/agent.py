@@ -24,6 +24,7 @@ from ezengine.checkpoint import load_checkpoint
 from ezengine.config import Config, config_from_dict
 from ezengine.device import resolve_device
 from ezengine.envs import describe_env
+from ezengine.frames import stacked_shape
 from ezengine.evaluate import evaluate
 from ezengine.model import EfficientZeroNet, build_model
 from ezengine.scores import human_normalized_score, is_atari100k
@@ -150,8 +151,7 @@ class Agent:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """One model input without the batch axis: frames stacked on the first axis."""
-        first, *rest = self.observation_shape
-        return (first * self.config.env.frame_stack, *rest)
+        return stacked_shape(self.observation_shape, self.config.env.frame_stack)
 
     def search(self, observations: np.ndarray | torch.Tensor) -> SearchResult:
         """Search without root noise from a batch of model inputs [B, *input_shape]
