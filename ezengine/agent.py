@@ -24,8 +24,8 @@ from ezengine.checkpoint import load_checkpoint
 from ezengine.config import Config, config_from_dict
 from ezengine.device import resolve_device
 from ezengine.envs import describe_env
-from ezengine.frames import stacked_shape
 from ezengine.evaluate import evaluate
+from ezengine.frames import stacked_shape
 from ezengine.model import EfficientZeroNet, build_model
 from ezengine.scores import human_normalized_score, is_atari100k
 from ezengine.search import BatchedSearch, SearchResult, select_actions
