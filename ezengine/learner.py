@@ -20,6 +20,13 @@ from ezengine.frames import model_inputs
 from ezengine.model import EfficientZeroNet
 from ezengine.support import scalar_to_support, support_to_scalar
 
+# What train_step reports for every training step: the loss and its parts, the learning
+# rate and gradient norm, the target model's lag, and what a failing run is read from (PER
+# weights, predicted and target values, priorities).
+METRICS = ("loss", "loss_value", "loss_policy", "loss_value_prefix", "loss_consistency", "lr",
+           "grad_norm", "target_lag", "is_weight_mean", "value_mean", "value_target_mean",
+           "priority_mean")
+
 
 def scale_gradient(x: Tensor, scale: float) -> Tensor:
     """Identity forward; multiplies the gradient flowing back through x by `scale`."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ezengine.batch import TrainingBatch
 from ezengine.checkpoint import load_checkpoint, save_checkpoint
 from ezengine.config import Config
-from ezengine.learner import Learner, augment_images, learning_rate, scale_gradient
+from ezengine.learner import METRICS, Learner, augment_images, learning_rate, scale_gradient
 from ezengine.model import build_model
 from ezengine.support import support_to_scalar
 
@@ -250,6 +250,7 @@ def test_per_weights_scale_per_sample_losses_and_gradient_is_divided_by_k():
     before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
     metrics, _ = learner.train_step(batch)
     assert metrics["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert set(metrics) == set(METRICS)  # what the pipeline's counters sum
     # First SGD step with momentum and no weight decay: p <- p - lr * grad.
     for n, p in learner.model.named_parameters():
         got = (before[n] - p.detach()) / 0.1

@@ -138,3 +138,16 @@ def test_a_rebuild_from_two_collectors_logs_stamps_positions_like_live_ingestion
     cut = np.arange(h, h + 2 * N)
     np.testing.assert_array_equal(resumed.replay.collected_at[cut], live.total_env_steps)
     assert not resumed.replay.terminal[cut].any()
+
+
+def test_progress_rows_average_the_learners_metrics_over_their_window():
+    from ezengine.learner import METRICS
+    from ezengine.pipeline.supervisor import window_means
+
+    before = {"train_steps": 10, **{f"{m}_sum": 5.0 for m in METRICS}}
+    # Three steps with losses 1.0, 2.0 and 6.0: the row shows 3.0, not the last value 6.0.
+    now = {"train_steps": 13, **{f"{m}_sum": 5.0 for m in METRICS}, "loss_sum": 14.0}
+    means = window_means(now, before)
+    assert means["loss"] == 3.0 and means["value_mean"] == 0.0
+    assert set(means) == set(METRICS)
+    assert window_means(before, before) == {}  # no training in the window: no means

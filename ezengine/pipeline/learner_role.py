@@ -14,10 +14,9 @@ from ezengine.batch import TrainingBatch
 from ezengine.checkpoint import load_checkpoint, save_checkpoint
 from ezengine.config import Config
 from ezengine.device import resolve_device
-from ezengine.learner import Learner
+from ezengine.learner import METRICS, Learner
 from ezengine.pipeline.replay_role import ReplayWorker
 from ezengine.pipeline.spec import (
-    FLOAT_COUNTERS,
     PipelineSpec,
 )
 from ezengine.pipeline.transport import (
@@ -202,9 +201,8 @@ def run_learner(spec: PipelineSpec) -> None:
         source.send_priorities(batch.positions, prio)
         steps = learner.steps
         counters["train_steps"] = steps
-        for name in FLOAT_COUNTERS:
-            if name in metrics:
-                counters[name] = metrics[name]
+        for name in METRICS:
+            counters.add(f"{name}_sum", metrics[name])
         if steps % run.selfplay_update_interval == 0:
             publish("selfplay", selfplay, learner.model)
             if server is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from ezengine.config import Config, config_from_dict
 from ezengine.envs import EnvDescription
+from ezengine.learner import METRICS
 from ezengine.rings import (
     CountersSpec,
     RingSpec,
@@ -19,13 +20,12 @@ INT_COUNTERS = ("stop", "replay_env_steps", "replay_positions", "train_steps",
                 "eval_request")
 
 
-# Learner metrics copied into every progress row of metrics.jsonl.
-LEARNER_METRICS = ("target_lag", "is_weight_mean", "value_mean", "value_target_mean",
-                   "priority_mean")
+# The learner adds each training step's metrics to these sums; a progress row of
+# metrics.jsonl shows their means over its window (per training step), as the serial
+# trainer's rows do.
+METRIC_SUMS = tuple(f"{name}_sum" for name in METRICS)
 
-
-FLOAT_COUNTERS = ("recent_return", "loss", "loss_value", "loss_policy", "loss_value_prefix",
-                  "loss_consistency", "learner_wait_s", *LEARNER_METRICS)
+FLOAT_COUNTERS = ("recent_return", "learner_wait_s", *METRIC_SUMS)
 
 
 # Slots per ring: transitions (per collector; a full ring blocks its collector), batches

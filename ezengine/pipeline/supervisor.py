@@ -14,6 +14,7 @@ from typing import Any
 from ezengine.config import Config, config_to_dict, save_config
 from ezengine.envs import EnvDescription, describe_env
 from ezengine.evaluate import describe_evaluation
+from ezengine.learner import METRICS
 from ezengine.metrics import Eta, MetricsWriter, drop_torn_rows
 from ezengine.pipeline.child import child_main
 from ezengine.pipeline.layouts import (
@@ -27,7 +28,6 @@ from ezengine.pipeline.learner_role import reanalyse_in_learner
 from ezengine.pipeline.spec import (
     FLOAT_COUNTERS,
     INT_COUNTERS,
-    LEARNER_METRICS,
     RING_SLOTS,
     PipelineSpec,
 )
@@ -53,6 +53,15 @@ def describe_exit(code: int | None) -> str:
     if code < 0:
         return f"killed by signal {signal.Signals(-code).name}"
     return f"exit code {code}"
+
+
+def window_means(now: dict[str, Any], before: dict[str, Any]) -> dict[str, float]:
+    """The learner's metrics averaged over the training steps between two counter
+    snapshots (none when no step was trained in between)."""
+    steps = now["train_steps"] - before["train_steps"]
+    if steps <= 0:
+        return {}
+    return {name: (now[f"{name}_sum"] - before[f"{name}_sum"]) / steps for name in METRICS}
 
 
 class PipelineTrainer:
@@ -297,8 +306,7 @@ class PipelineTrainer:
                "recent_return": snap["recent_return"] if snap["games"] else None,
                "target_version": snap["target_version"],
                "replay_positions": snap["replay_positions"],
-               **{k: snap[k] for k in FLOAT_COUNTERS if k.startswith("loss")},
-               **{k: snap[k] for k in LEARNER_METRICS}}
+               **window_means(snap, before)}
         self.metrics.progress(row)
         self.echo(progress_line(
             self.cfg, row, self.eta,
