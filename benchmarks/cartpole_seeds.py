@@ -93,7 +93,7 @@ def one_run(mode: str, seed: int, overrides: list[str], keep: Path | None,
 def table(rows: list[dict]) -> str:
     lines = ["| mode | seed | evaluations (env steps: mean return) | final | `eval --episodes 20` "
              "| first >= 475 | done in |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (MODES.index(r["mode"]), r["overrides"], r["seed"])):
         mode = " ".join([r["mode"], *(f"`{o}`" for o in r["overrides"])])
         if "error" in r:
             lines.append(f"| {mode} | {r['seed']} | error | | | | |")
