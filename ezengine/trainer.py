@@ -17,6 +17,7 @@ TensorBoard scalars in ``tb/``.
 from __future__ import annotations
 
 import copy
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,10 @@ from ezengine.recipe import (
 )
 from ezengine.rundir import claim_run_dir, stopped_line
 from ezengine.search import BatchedSearch
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 class SerialTrainer:
@@ -142,8 +147,15 @@ class SerialTrainer:
         """Train to the end of the budget; returns the final evaluation record.
         RunDirError, before anything starts, when the run directory cannot be used (see
         `claim_run_dir`)."""
-        with claim_run_dir(self.run_dir, resume=False):
-            return self._run()
+        # Ctrl-C and SIGTERM stop the run with a final checkpoint, also when the process
+        # started with SIGINT ignored (a background job), which disables KeyboardInterrupt.
+        old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with claim_run_dir(self.run_dir, resume=False):
+                return self._run()
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
