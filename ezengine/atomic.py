@@ -44,13 +44,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise_if_disk_full(exc, path, f"the previous {path.name} is kept unchanged"
-                           if path.exists() else "no part of it was written")
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise_if_disk_full(exc, path, f"the previous {path.name} is kept unchanged"
+                               if path.exists() else "no part of it was written")
         raise
 
 

@@ -369,12 +369,16 @@ class VectorEnv:
         self.observation_shape: tuple[int, ...] = tuple(space.shape)
         self.observation_dtype = np.dtype(space.dtype)
         self.num_actions = int(self.envs[0].action_space.n)
-        self.description = EnvDescription(self.observation_shape, self.observation_dtype.str,
-                                          self.num_actions)
         # Per-game running totals, kept across life-loss episode boundaries.
         self._scores = np.zeros(self.num_envs, dtype=np.float64)
         self._lengths = np.zeros(self.num_envs, dtype=np.int64)
         self._started = False
+
+    @property
+    def description(self) -> EnvDescription:
+        """What these environments look like (frame shape and dtype, |A|)."""
+        return EnvDescription(self.observation_shape, self.observation_dtype.str,
+                              self.num_actions)
 
     def reset(self) -> np.ndarray:
         """Start new games in every env; returns observations [N, *observation_shape]."""

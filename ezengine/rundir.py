@@ -113,13 +113,11 @@ def claim_run_dir(path: str | Path, *, resume: bool) -> Iterator[Claim]:
     try:
         yield claim
     except BaseException:
-        if not resume and not has_progress(path):
-            _undo_start(path, created, existing)
+        claim.failed = True
         raise
-    else:
+    finally:
         if claim.failed and not resume and not has_progress(path):
             _undo_start(path, created, existing)
-    finally:
         os.close(fd)  # releases the lock; the file stays (unlinking it would race a waiter)
 
 

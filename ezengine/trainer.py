@@ -34,9 +34,9 @@ from ezengine.envs import VectorEnv
 from ezengine.evaluate import describe_evaluation, evaluate
 from ezengine.learner import Learner
 from ezengine.metrics import Eta, MetricsWriter
-from ezengine.model import build_model
 from ezengine.reanalyse import Reanalyser
 from ezengine.recipe import (
+    build_network,
     build_replay,
     checkpoint_state,
     collector_seed,
@@ -81,8 +81,7 @@ class SerialTrainer:
         seed = collector_seed(cfg, 0)
         self.envs = VectorEnv(cfg.env, seed=seed, train=True)
         env = self.envs.description
-        model = build_model(cfg.model, env.frame_shape, env.num_actions, cfg.env.frame_stack)
-        self.learner = Learner(cfg, model, self.device)
+        self.learner = Learner(cfg, build_network(cfg, env).train(), self.device)
         self.selfplay = copy.deepcopy(self.learner.model).eval()
         self.replay = build_replay(cfg, env, writers=self.envs.num_envs)
         search = BatchedSearch.for_config(cfg, env.num_actions, seed)
