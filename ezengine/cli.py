@@ -115,7 +115,7 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
         if serial:
             from ezengine.trainer import SerialTrainer
 
-            SerialTrainer(cfg, run_dir, echo=_echo_flush).run()
+            SerialTrainer(cfg, run_dir, echo=_echo_flush, num_collectors=collectors).run()
             return
         from ezengine.pipeline import PipelineTrainer
 

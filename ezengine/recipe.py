@@ -10,6 +10,15 @@ pace with collection so that training steps = replay_ratio x env steps (the firs
 replay_ratio x start_transitions of them train on the random play, as in the reference);
 after the environment-step budget, `run.extra_training_steps` more training steps run
 without new data.
+
+The timetable: what each piece of work sees is fixed by the step counts alone, never by
+which process got there first, so a run's result does not depend on the machine's speed or
+load, and the serial runner reproduces the pipeline. Records enter the replay in turn (the
+collector with the fewest records next, the lowest index on a tie); batch s is sampled once
+the records allow it and before any further record enters, with the priorities of training
+steps up to s - BATCH_LEAD applied and the target weights the learner had after that step;
+self-play at a given replay size acts with the newest weights published at or before
+`selfplay_weights_step` of it.
 """
 
 from __future__ import annotations
@@ -38,6 +47,42 @@ def paced_training_steps(cfg: Config, env_steps: int) -> int:
         return 0
     paced = int(run.replay_ratio * min(env_steps, run.env_steps))
     return paced + (run.extra_training_steps if env_steps >= run.env_steps else 0)
+
+
+# Batches sampled ahead of the learner: batch s sees the priorities and the target of
+# training step s - BATCH_LEAD (the pipeline's batch ring has this many slots).
+BATCH_LEAD = 2
+
+
+def selfplay_weights_step(cfg: Config, env_steps: int) -> int:
+    """Training step whose weights (the newest self-play publish at or before it) act on
+    the record that enters the replay when it holds `env_steps` env steps: one self-play
+    interval behind what the pacing allows, so that collection and training overlap."""
+    return max(paced_training_steps(cfg, env_steps) - cfg.run.selfplay_update_interval, 0)
+
+
+def published_step(steps: list[int], step: int) -> int:
+    """Which of the training `steps` at which weights were published a reader of step
+    `step` takes: the newest at or before it (the first publish if all came later, as after
+    a resume)."""
+    before = [s for s in steps if s <= step]
+    return max(before) if before else min(steps)
+
+
+def collector_budget(cfg: Config, num_collectors: int) -> tuple[int, int]:
+    """(env steps each collector collects, of them uniformly random warm-up steps): the
+    budget and the warm-up shared evenly, in whole vector steps."""
+    per_step = num_collectors * cfg.env.num_envs
+    def share(steps: int) -> int:
+        return -(-steps // per_step) * cfg.env.num_envs
+    return share(cfg.run.env_steps), share(cfg.run.start_transitions)
+
+
+def record_env_steps(collector_steps: int, index: int, num_collectors: int,
+                     num_envs: int) -> int:
+    """Env steps in the replay when collector `index`'s record, made after it collected
+    `collector_steps` steps, enters it (records enter in turn)."""
+    return num_collectors * collector_steps + index * num_envs
 
 
 def total_training_steps(cfg: Config) -> int:

@@ -1,13 +1,11 @@
-"""The serial trainer: collection, reanalyse and learning interleaved in one process.
+"""The serial trainer: the pipeline's roles run in one process, in the order of the
+timetable (recipe.py), so that a serial run is the pipeline's run, step for step.
 
-This is the debugging and profiling mode (``ezengine train --serial``); the multiprocessing
-pipeline runs the same pieces (Collector, Reanalyser, Learner) in separate processes.
-
-Pacing: after `run.start_transitions` steps of uniformly random play, training steps are
-interleaved with collection so that training steps = replay_ratio * env steps (the first
-replay_ratio * start_transitions of them train on the random play, as in the reference);
-after the environment-step budget, `run.extra_training_steps` more training steps run
-without new data.
+This is the debugging and profiling mode (``ezengine train --serial``): the collectors,
+the replay's owner (`ReplayOwner`, as in the reanalyse process) and the learner are the
+pipeline's own pieces; only the transport is gone. Batches wait in a queue instead of the
+batch ring, priorities until the timetable applies them instead of in their ring, and
+published weights in `LocalHistory` instead of shared memory.
 
 The run directory holds ``config.yaml`` (the resolved config), ``checkpoints/latest.pt``,
 ``metrics.jsonl`` (one row per log interval), ``eval.jsonl`` (one row per evaluation) and
@@ -16,9 +14,9 @@ TensorBoard scalars in ``tb/``.
 
 from __future__ import annotations
 
-import copy
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,28 +24,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from ezengine.batch import TrainingBatch
 from ezengine.checkpoint import save_checkpoint
-from ezengine.collector import Collector, finished_games, store_transition
+from ezengine.collector import Collector
 from ezengine.config import Config, save_config
 from ezengine.device import configure_torch, resolve_device
 from ezengine.envs import VectorEnv
 from ezengine.evaluate import describe_evaluation, evaluate
 from ezengine.learner import Learner
 from ezengine.metrics import Eta, MetricsWriter
-from ezengine.reanalyse import Reanalyser
+from ezengine.pipeline.replay_role import ReplayOwner
+from ezengine.pipeline.weights import LocalHistory
 from ezengine.recipe import (
     build_network,
-    build_replay,
     checkpoint_state,
+    collector_budget,
     collector_seed,
     evaluation_seed,
     model_seed,
-    paced_training_steps,
     progress_line,
-    reanalyse_seed,
-    recent_returns,
-    sample_batch_positions,
-    sampling_seed,
+    record_env_steps,
+    selfplay_weights_step,
     total_training_steps,
     visit_temperature,
 )
@@ -66,68 +63,109 @@ class SerialTrainer:
         cfg: the resolved config.
         run_dir: where config, checkpoints, metrics and evaluations are written.
         echo: receives the human-readable progress lines.
+        num_collectors: collectors stepped in turn (as the pipeline's processes would be).
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, echo: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, echo: Callable[[str], None] = print,
+                 num_collectors: int = 1) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.echo = echo
         self.device = resolve_device(cfg.run.device)
-        # One intra-op thread on CPU: this model's ops are small, and with other processes
-        # on the machine extra threads only wait for busy cores and stall.
+        # One intra-op thread on CPU, as in every pipeline process: this model's ops are
+        # small, and the same thread count gives the pipeline's numbers exactly.
         configure_torch(threads=1 if self.device.type == "cpu" else None)
-        # The seed streams of the pipeline's learner, collector 0 and replay worker.
+        self.collectors: list[Collector] = []
+        for i in range(num_collectors):
+            seed = collector_seed(cfg, i)
+            envs = VectorEnv(cfg.env, seed=seed, train=True)
+            search = BatchedSearch.for_config(cfg, envs.num_actions, seed)
+            self.collectors.append(Collector(envs, search, clip_rewards=cfg.env.clip_rewards,
+                                             frame_stack=cfg.env.frame_stack, seed=seed))
+        self.env = self.collectors[0].envs.description
+        # The copies the collectors and the reanalyser load published weights into, built
+        # before torch is seeded for the learner's initial weights, as in the pipeline.
+        self.selfplay = build_network(self.cfg, self.env).to(self.device)
+        self.target = build_network(self.cfg, self.env).to(self.device)
         torch.manual_seed(model_seed(cfg))
-        seed = collector_seed(cfg, 0)
-        self.envs = VectorEnv(cfg.env, seed=seed, train=True)
-        env = self.envs.description
-        self.learner = Learner(cfg, build_network(cfg, env).train(), self.device)
-        self.selfplay = copy.deepcopy(self.learner.model).eval()
-        self.replay = build_replay(cfg, env, writers=self.envs.num_envs)
-        search = BatchedSearch.for_config(cfg, env.num_actions, seed)
-        self.collector = Collector(self.envs, search, clip_rewards=cfg.env.clip_rewards,
-                                   frame_stack=cfg.env.frame_stack, seed=seed)
-        self.reanalyser = Reanalyser(cfg, self.replay, env.num_actions,
-                                     seed=reanalyse_seed(cfg))
-        self.sample_rng = np.random.default_rng(sampling_seed(cfg))
+        self.learner = Learner(cfg, build_network(cfg, self.env).train(), self.device)
+        self.owner = ReplayOwner(cfg, self.env, num_collectors)
+        self.budget, self.warmup = collector_budget(cfg, num_collectors)
+        self.selfplay_weights, self.target_weights = LocalHistory(), LocalHistory()
+        self.selfplay_loaded: int | None = None
+        self.target_loaded: int | None = None
+        self.queue: deque[TrainingBatch] = deque()  # the batch ring
+        self.priorities: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the priority ring
         self.total_train_steps = total_training_steps(cfg)
-        self.recent_returns = recent_returns()
         self.evaluations: list[dict[str, Any]] = []
+        self.window_metrics: list[dict[str, float]] = []
         self.eta = Eta()
 
-    # ------------------------------------------------------------------ pieces
+    @property
+    def env_steps(self) -> int:
+        return self.owner.total_env_steps
 
-    def training_due(self) -> bool:
-        """Whether the pacing rule asks for a training step before more collection."""
-        if self.replay.num_sampleable == 0:
-            return False
-        return self.learner.steps < paced_training_steps(self.cfg, self.collector.env_steps)
+    # ------------------------------------------------------------------ the roles
 
     def collect(self) -> None:
-        """One step of every training environment."""
-        warmup = self.collector.env_steps < self.cfg.run.start_transitions
-        temperature = visit_temperature(self.cfg, self.collector.env_steps)
-        record = self.collector.step(None if warmup else self.selfplay, temperature)
-        store_transition(self.replay, record)
-        self.recent_returns.extend(finished_games(record))
+        """The next record in turn, acting with the weights the timetable names."""
+        index = self.owner.next_collector()
+        collector = self.collectors[index]
+        replay_steps = record_env_steps(collector.env_steps, index, len(self.collectors),
+                                        self.cfg.env.num_envs)
+        policy = None
+        if collector.env_steps >= self.warmup:
+            step = selfplay_weights_step(self.cfg, replay_steps)
+            self.train_until(step)
+            self.selfplay_loaded = self.selfplay_weights.load(self.selfplay, step,
+                                                              self.selfplay_loaded)
+            policy = self.selfplay
+        record = collector.step(policy, visit_temperature(self.cfg, replay_steps))
+        self.owner.ingest(record, index)
 
-    def train_step(self) -> dict[str, float]:
-        """Sample, reanalyse, learn, update priorities and the self-play weights."""
+    def build_batch(self) -> None:
+        """Reanalyse the next batch, with the priorities and target of its lead step."""
+        lead = self.owner.lead_step
+        self.train_until(lead)
+        for step in sorted(s for s in self.priorities if s <= lead):
+            self.owner.apply_priorities(step, *self.priorities.pop(step))
+        self.target_loaded = self.target_weights.load(self.target, max(lead, 0),
+                                                      self.target_loaded)
+        self.queue.append(self.owner.build(self.target, self.target_loaded))
+
+    def train_until(self, step: int) -> None:
+        """Train queued batches until the learner has done `step` training steps."""
+        while self.learner.steps < step:
+            if not self.queue:
+                raise RuntimeError(f"training step {step} is due before its batch exists")
+            self.train_step()
+
+    def train_step(self) -> None:
+        """Learn from the next queued batch; publish, evaluate and checkpoint on schedule."""
         cfg = self.cfg
-        sample = sample_batch_positions(cfg, self.replay, self.learner.steps, self.sample_rng)
-        batch = self.reanalyser.build(self.learner.target, sample, self.collector.env_steps,
-                                      self.learner.target_version)
+        target_before = self.learner.target_version
+        batch = self.queue.popleft()
         metrics, priorities = self.learner.train_step(batch)
-        self.replay.update_priorities(sample.positions, priorities)
-        if self.learner.steps % cfg.run.selfplay_update_interval == 0:
-            self.selfplay.load_state_dict(self.learner.model.state_dict())
-        return metrics
+        steps = self.learner.steps
+        self.priorities[steps] = (batch.positions, priorities)
+        self.window_metrics.append(metrics)
+        if steps % cfg.run.selfplay_update_interval == 0:
+            self.selfplay_weights.publish(self.learner.model.state_dict(), steps)
+        if self.learner.target_version != target_before:
+            self.target_weights.publish(self.learner.target.state_dict(), steps)
+        if steps % cfg.run.eval_interval == 0 or steps == self.total_train_steps:
+            self.evaluate()
+        if steps % cfg.run.checkpoint_interval == 0:
+            self.checkpoint()
 
     def evaluate(self) -> dict[str, Any]:
         """Evaluate the online model; append the record to eval.jsonl."""
-        result = evaluate(copy.deepcopy(self.learner.model), self.cfg,
-                          self.cfg.run.eval_episodes, seed=evaluation_seed(self.cfg))
-        row = {"train_steps": self.learner.steps, "env_steps": self.collector.env_steps,
+        with torch.random.fork_rng(devices=[]):  # the learner's draws stay the pipeline's
+            model = build_network(self.cfg, self.env).to(self.device)
+            model.load_state_dict(self.learner.model.state_dict())
+            result = evaluate(model, self.cfg, self.cfg.run.eval_episodes,
+                              seed=evaluation_seed(self.cfg))
+        row = {"train_steps": self.learner.steps, "env_steps": self.env_steps,
                "wall_s": round(time.perf_counter() - self.start_time, 1), **result.record()}
         self.metrics.evaluation(row)
         self.evaluations.append(row)
@@ -137,7 +175,7 @@ class SerialTrainer:
     def checkpoint(self) -> None:
         """Atomically write checkpoints/latest.pt."""
         state = checkpoint_state(self.cfg, self.learner.state_dict(),
-                                 self.selfplay.state_dict(), self.collector.env_steps)
+                                 self.learner.model.state_dict(), self.env_steps)
         save_checkpoint(state, self.run_dir / "checkpoints" / "latest.pt")
 
     # ------------------------------------------------------------------ the loop
@@ -156,6 +194,18 @@ class SerialTrainer:
             for s, handler in old.items():
                 signal.signal(s, handler)
 
+    def step(self) -> bool:
+        """The next piece of work in the timetable; False once the run is done."""
+        if self.owner.batch_due():
+            self.build_batch()
+        elif self.collectors[self.owner.next_collector()].env_steps < self.budget:
+            self.collect()
+        elif self.queue:
+            self.train_step()
+        else:
+            return False
+        return True
+
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         save_config(cfg, self.run_dir / "config.yaml")
@@ -163,57 +213,48 @@ class SerialTrainer:
         self.echo(f"run dir {self.run_dir} | device {self.device} | {cfg.env.id} | "
                   f"{cfg.run.env_steps:,} env steps, {self.total_train_steps:,} training steps")
         self.start_time = time.perf_counter()
-        window_start, window_env, window_train = self.start_time, 0, 0
-        window_metrics: list[dict[str, float]] = []
+        self.selfplay_weights.publish(self.learner.model.state_dict(), 0)
+        self.target_weights.publish(self.learner.target.state_dict(), 0)
+        window = (self.start_time, 0, 0)
         try:
-            while True:
-                if self.training_due():
-                    window_metrics.append(self.train_step())
-                    steps = self.learner.steps
-                    if steps % cfg.run.eval_interval == 0:
-                        self.evaluate()
-                    if steps % cfg.run.checkpoint_interval == 0:
-                        self.checkpoint()
-                elif self.collector.env_steps < cfg.run.env_steps:
-                    self.collect()
-                else:
-                    break
+            while self.step():
                 now = time.perf_counter()
-                if now - window_start >= cfg.run.log_interval_s:
-                    self._log_window(now - window_start, self.collector.env_steps - window_env,
-                                     self.learner.steps - window_train, window_metrics)
-                    window_start, window_env, window_train = now, self.collector.env_steps, \
-                        self.learner.steps
-                    window_metrics = []
+                if now - window[0] >= cfg.run.log_interval_s:
+                    self._log_window(now - window[0], self.env_steps - window[1],
+                                     self.learner.steps - window[2])
+                    window = (now, self.env_steps, self.learner.steps)
         except KeyboardInterrupt:
             self.checkpoint()
-            self.envs.close()
-            self.metrics.close()
+            self._close()
             self.echo(stopped_line(self.run_dir, resumable=False))
             return self.evaluations[-1] if self.evaluations else {}
         self.checkpoint()
         final = self.evaluations[-1] if (
             self.evaluations and self.evaluations[-1]["train_steps"] == self.learner.steps
         ) else self.evaluate()
-        self.envs.close()
-        self.metrics.close()
+        self._close()
         self.echo(f"done in {time.perf_counter() - self.start_time:.0f}s: "
                   f"final mean return {final['mean_return']:.1f}")
         return final
 
-    def _log_window(self, seconds: float, env_steps: int, train_steps: int,
-                    metrics: list[dict[str, float]]) -> None:
+    def _close(self) -> None:
+        for collector in self.collectors:
+            collector.envs.close()
+        self.metrics.close()
+
+    def _log_window(self, seconds: float, env_steps: int, train_steps: int) -> None:
+        recent = self.owner.recent
         row: dict[str, Any] = {
             "wall_s": round(time.perf_counter() - self.start_time, 1),
-            "env_steps": self.collector.env_steps, "train_steps": self.learner.steps,
+            "env_steps": self.env_steps, "train_steps": self.learner.steps,
             "env_steps_per_s": round(env_steps / seconds, 2),
             "train_steps_per_s": round(train_steps / seconds, 2),
-            "recent_return": (float(np.mean(self.recent_returns)) if self.recent_returns
-                              else None),
-            "replay_positions": self.replay.size,
+            "recent_return": float(np.mean(recent)) if recent else None,
+            "replay_positions": self.owner.replay.size,
         }
-        if metrics:
-            for key in metrics[0]:
-                row[key] = float(np.mean([m[key] for m in metrics]))
+        if self.window_metrics:
+            for key in self.window_metrics[0]:
+                row[key] = float(np.mean([m[key] for m in self.window_metrics]))
+            self.window_metrics = []
         self.metrics.progress(row)
         self.echo(progress_line(self.cfg, row, self.eta))

@@ -356,3 +356,36 @@ def test_temporaries_of_a_checkpoint_write_cut_short_are_removed(tmp_path):
     assert remove_leftover_temporaries(ckpt) == [stray]
     assert not stray.exists() and other.exists()
     assert ckpt.read_bytes() == b"whole"
+
+
+def test_a_run_is_the_same_on_any_machine_and_in_serial(tmp_path):
+    # The timetable fixes what every piece of work sees: the pipeline alone, the pipeline
+    # squeezed onto one core beside a busy process, and the serial runner give the same
+    # weights, bit for bit (two collectors, so records from both enter in turn).
+    args = ["configs/cartpole.yaml", "--env-steps", "1200", "--seed", "3", "--collectors", "2",
+            *TINY, "--set", "run.checkpoint_interval=100"]
+
+    def trained(name: str, *extra: str, one_core: bool = False) -> dict:
+        run = tmp_path / name
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        core = sorted(os.sched_getaffinity(0))[:1]
+        proc = subprocess.run(
+            [sys.executable, "-c", "from ezengine.cli import main; main()", "train", *args,
+             "--run-dir", str(run), *extra], cwd=ROOT, env=env, capture_output=True,
+            text=True, timeout=300,
+            preexec_fn=(lambda: os.sched_setaffinity(0, core)) if one_core else None)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["model"]
+
+    alone = trained("alone")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                            preexec_fn=lambda: os.sched_setaffinity(
+                                0, sorted(os.sched_getaffinity(0))[:1]))
+    try:
+        squeezed = trained("one-core", one_core=True)
+    finally:
+        busy.kill()
+        busy.wait()
+    serial = trained("serial", "--serial")
+    for other in (squeezed, serial):
+        assert all(torch.equal(alone[k], other[k]) for k in alone)

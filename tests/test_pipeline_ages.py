@@ -1,33 +1,21 @@
-"""Sample ages in the pipeline with several collectors: the replay worker stamps
-what it ingests on the clock ages are measured with (the env steps of all collectors
-together), live and when a resumed run rebuilds its replay from the collectors' logs.
-
-In-process: real rings and counters, no child processes."""
+"""Sample ages in the pipeline with several collectors: the replay's owner stamps what it
+ingests on the clock ages are measured with (the env steps of all collectors together),
+live and when a resumed run rebuilds its replay from the collectors' logs."""
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
-import pytest
 
-from ezengine.config import Config, config_to_dict
+from ezengine.config import Config
 from ezengine.envs import EnvDescription
-from ezengine.pipeline import transport
 from ezengine.pipeline.layouts import transition_layout
-from ezengine.pipeline.replay_role import ReplayWorker
-from ezengine.pipeline.spec import FLOAT_COUNTERS, INT_COUNTERS, PipelineSpec
+from ezengine.pipeline.replay_role import ReplayOwner
 from ezengine.pipeline.transition_log import TransitionLog, log_path
 from ezengine.reanalyse import td_horizon
-from ezengine.rings import Ring, SharedCounters, SlotLayout, unlink_segments
 
 N = 4  # environments per collector
 OBS = EnvDescription((4,), np.dtype(np.float32).str, 2)
 
-pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs Linux /dev/shm")
 
 
 def make_cfg() -> Config:
@@ -55,78 +43,41 @@ def record(cfg: Config, collector: int, j: int) -> dict[str, np.ndarray]:
     return rec
 
 
-def publish(ring: Ring, rec: dict[str, np.ndarray]) -> None:
-    with ring.write(timeout=1.0) as slot:
-        for name, value in rec.items():
-            slot[name][...] = value
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator:
-    """make(cfg, resume=False) -> (ReplayWorker for 2 collectors in tmp_path, its rings)."""
-    prefix = f"ezt-{os.getpid()}-{uuid.uuid4().hex[:6]}-"
-    created: list = []
-    attached_before = len(transport._ATTACHED)
-
-    def make(cfg: Config, resume: bool = False) -> tuple[ReplayWorker, list[Ring]]:
-        rings = [Ring.create(prefix, SlotLayout(transition_layout(cfg, OBS)), 4)
-                 for _ in range(2)]
-        counters = SharedCounters.create(prefix, ints=INT_COUNTERS, floats=FLOAT_COUNTERS)
-        created.extend([*rings, counters])
-        # Only what the replay worker reads; the other blocks belong to other roles.
-        spec = PipelineSpec(config=config_to_dict(cfg), run_dir=str(tmp_path), env=OBS,
-                            num_collectors=2, resume=resume,
-                            transitions=[r.spec for r in rings], batches=None,
-                            priorities=None, counters=counters.spec, selfplay_weights=None,
-                            target_weights=None, eval_weights=None, search_requests=[],
-                            search_results=[], prefix=prefix, supervisor_pid=os.getpid())
-        return ReplayWorker(spec, cfg, counters), rings
-
-    yield make
-    for block in transport._ATTACHED[attached_before:]:
-        block.detach()
-    del transport._ATTACHED[attached_before:]
-    for block in created:
-        block.unlink()
-    assert not unlink_segments(prefix), "leaked shared-memory segments"
-
-
-def test_the_newest_data_of_two_collectors_has_age_zero_and_the_full_td_horizon(workers):
+def test_the_newest_data_of_two_collectors_has_age_zero_and_the_full_td_horizon():
     cfg = make_cfg()
-    worker, rings = workers(cfg)
+    owner = ReplayOwner(cfg, OBS, num_collectors=2)
     for j in range(1, 11):
         for c in (0, 1):
-            publish(rings[c], record(cfg, c, j))
-        assert worker.ingest()
-    rp = worker.replay
-    assert worker.total_env_steps == 2 * 10 * N
+            assert owner.next_collector() == c  # records enter in turn
+            owner.ingest(record(cfg, c, j), c)
+    rp = owner.replay
+    assert owner.total_env_steps == 2 * 10 * N
     # The last round (no episode ended in it) wrote the newest 2N positions. Their age, as
     # Reanalyser.build computes it, is at most one record's worth of steps; a collector's
     # own count (40) would make them look 40 steps old: one step off the TD horizon.
     newest = np.arange(rp.head - 2 * N, rp.head)
-    age = worker.total_env_steps - rp.collected_at[rp.slot(newest)]
+    age = owner.total_env_steps - rp.collected_at[rp.slot(newest)]
     assert age.max() <= N
     lc = cfg.learner
     horizon = td_horizon(age, lc.td_steps, lc.off_policy_fraction, cfg.run.env_steps)
     np.testing.assert_array_equal(horizon, lc.td_steps)
     # Each position carries the total env steps at its ingestion: one clock for all.
     stamps = rp.collected_at[:rp.head]
-    assert (np.diff(stamps) >= 0).all() and stamps[-1] == worker.total_env_steps
+    assert (np.diff(stamps) >= 0).all() and stamps[-1] == owner.total_env_steps
 
 
-def test_a_rebuild_from_two_collectors_logs_stamps_positions_like_live_ingestion(workers,
-                                                                                 tmp_path):
+def test_a_rebuild_from_two_collectors_logs_stamps_positions_like_live_ingestion(tmp_path):
     cfg = make_cfg()
-    live, rings = workers(cfg)
+    live = ReplayOwner(cfg, OBS, num_collectors=2)
     (tmp_path / "replay").mkdir()
     logs = [TransitionLog(log_path(tmp_path, c), transition_layout(cfg, OBS)) for c in (0, 1)]
     for j in range(1, 11):
         for c in (0, 1):
             rec = record(cfg, c, j)
             logs[c].append(rec)  # as run_collector: logged, then published
-            publish(rings[c], rec)
-        assert live.ingest()
-    resumed, _ = workers(cfg, resume=True)
+            live.ingest(rec, c)
+    resumed = ReplayOwner(cfg, OBS, num_collectors=2)
+    resumed.rebuild(tmp_path)
     h = live.replay.head
     assert resumed.env_steps == live.env_steps == [10 * N, 10 * N]
     assert list(resumed.recent) == list(live.recent) == [4, 104, 8, 108]

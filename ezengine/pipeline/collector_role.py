@@ -1,9 +1,8 @@
-"""The collector process: steps its environments with the latest self-play weights (or
-the model owner's searches), logs and publishes every transition record."""
+"""The collector process: steps its environments with the self-play weights the timetable
+names (or the model owner's searches), logs and publishes every transition record."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -17,16 +16,19 @@ from ezengine.pipeline.transition_log import (
     log_path,
 )
 from ezengine.pipeline.transport import (
-    POLL_S,
     Stopped,
     attach,
-    refresh,
-    wait_for_version,
+    load_published,
+    wait_for_training,
     write_unless_stopped,
 )
+from ezengine.pipeline.weights import WeightHistory
 from ezengine.recipe import (
     build_network,
+    collector_budget,
     collector_seed,
+    record_env_steps,
+    selfplay_weights_step,
     visit_temperature,
 )
 from ezengine.rings import (
@@ -43,7 +45,7 @@ def run_collector(spec: PipelineSpec, index: int) -> None:
     cfg = spec.cfg()
     counters = attach(SharedCounters, spec.counters)
     ring = attach(Ring, spec.transitions[index])
-    weights = attach(SharedWeights, spec.selfplay_weights)
+    weights = WeightHistory([attach(SharedWeights, s) for s in spec.selfplay_weights])
     log = TransitionLog(log_path(spec.run_dir, index), transition_layout(cfg, spec.env))
     start_steps = log.last_env_steps()
     n = cfg.env.num_envs
@@ -56,27 +58,21 @@ def run_collector(spec: PipelineSpec, index: int) -> None:
                            attach(Ring, spec.search_results[index]), counters)
               if spec.search_requests else None)
     model = build_network(cfg, spec.env)
-    flat = np.empty(weights.spec.size, dtype=np.float32)
-    loaded = 0
-    run = cfg.run
-    per_collector = spec.num_collectors * n
-    share = -(-run.env_steps // per_collector) * n  # this collector's budget
-    # This collector's part of the random warm-up, counted at the collector: a count of what
-    # the replay has ingested would lag by the ring's contents at start-up.
-    warmup_share = -(-run.start_transitions // per_collector) * n
+    flat = np.empty(weights.size, dtype=np.float32)
+    loaded: int | None = None
+    c = spec.num_collectors
+    share, warmup_share = collector_budget(cfg, c)
     while not counters["stop"] and collector.env_steps < share:
-        total = counters["replay_env_steps"]
+        # The replay's size when this record enters it fixes the temperature and, after the
+        # warm-up, the weights that act (recipe.py's timetable); waiting for those weights
+        # is what keeps collection at the replay ratio.
+        replay_steps = record_env_steps(collector.env_steps, index, c, n)
         warmup = collector.env_steps < warmup_share
-        if not warmup:
-            # Pacing: stay within one vector step of the replay ratio.
-            allowed = (counters["train_steps"] + 1) / run.replay_ratio
-            if total >= allowed + n * spec.num_collectors:
-                time.sleep(POLL_S)
-                continue
-            if remote is None:
-                wait_for_version(weights, counters)
-                loaded = refresh(model, weights, flat, loaded)
-        temperature = visit_temperature(cfg, total)
+        if not warmup and remote is None:
+            step = selfplay_weights_step(cfg, replay_steps)
+            wait_for_training(counters, step)
+            loaded = load_published(model, weights, step, flat, loaded)
+        temperature = visit_temperature(cfg, replay_steps)
         policy = None if warmup else (remote or model)
         try:
             with ring.write(timeout=1.0) as slot:

@@ -43,7 +43,7 @@ def run_evaluator(spec: PipelineSpec) -> None:
             time.sleep(0.05)
             continue
         loaded = refresh(model, weights, flat, loaded)
-        steps = counters["eval_request"]
+        steps = loaded  # published under its training step
         env_steps = counters["replay_env_steps"]
         result = evaluate(model, cfg, cfg.run.eval_episodes, seed=evaluation_seed(cfg))
         row = {"train_steps": steps, "env_steps": env_steps,

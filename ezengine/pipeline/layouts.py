@@ -40,6 +40,8 @@ def transition_layout(cfg: Config, env: EnvDescription) -> Layout:
 
 
 def priority_layout(cfg: Config) -> Layout:
-    """New priorities of a trained batch's positions, learner -> reanalyse."""
+    """New priorities of a trained batch's positions and the training step that made them,
+    learner -> reanalyse."""
     b = cfg.learner.batch_size
-    return [("positions", (b,), np.dtype(np.int64)), ("priorities", (b,), np.dtype(np.float64))]
+    return [("step", (1,), np.dtype(np.int64)), ("positions", (b,), np.dtype(np.int64)),
+            ("priorities", (b,), np.dtype(np.float64))]

@@ -24,7 +24,7 @@ from ezengine.pipeline.transport import (
     attach,
     write_unless_stopped,
 )
-from ezengine.pipeline.weights import publish_state
+from ezengine.pipeline.weights import WeightHistory, publish_state
 from ezengine.recipe import (
     build_network,
     checkpoint_state,
@@ -69,38 +69,39 @@ class RingBatches:
         finally:
             self.waited_s += time.perf_counter() - t0
 
-    def send_priorities(self, positions: np.ndarray, priorities: np.ndarray) -> None:
+    def send_priorities(self, step: int, positions: np.ndarray, priorities: np.ndarray
+                        ) -> None:
+        """The priorities training `step` computed, to the replay's owner."""
         def fill(slot: Any) -> None:
+            slot["step"][0] = step
             slot["positions"][...] = positions
             slot["priorities"][...] = priorities
         write_unless_stopped(self.priorities, self.counters, fill)
 
 
-class LocalBatches:
-    """Training batches reanalysed in this (the learner's) process with its target model on
-    the training device: the reanalysis inference, most of the compute, runs on the GPU."""
+class LocalBatches(RingBatches):
+    """Training batches reanalysed in this (the learner's) process on the training device:
+    the reanalysis inference, most of the compute, runs on the GPU. The timetable is the
+    reanalyse process's: priorities still go through their ring (to this process), and
+    the target comes from the published target weights."""
 
     def __init__(self, spec: PipelineSpec, cfg: Config, counters: SharedCounters,
-                 learner: Learner) -> None:
-        self.worker = ReplayWorker(spec, cfg, counters)
-        self.learner = learner
-        self.waited_s = 0.0
+                 device: torch.device) -> None:
+        super().__init__(spec, counters)
+        self.worker = ReplayWorker(spec, cfg, counters, device)
 
     def next(self, timeout: float) -> TrainingBatch | None:
-        """Reanalyse a batch as soon as the replay ratio allows one; None after timeout."""
+        """The next batch, ingesting records until the timetable allows it; None after
+        timeout."""
         deadline = time.perf_counter() + timeout
         while True:
-            while self.worker.ingest():
-                pass
-            if self.learner.steps < self.worker.batches_allowed():
-                return self.worker.build(self.learner.target, self.learner.target_version)
+            t0 = time.perf_counter()
+            batch = self.worker.next_batch(timeout=max(deadline - t0, 0.0))
+            if batch is not None:
+                return batch
+            self.waited_s += time.perf_counter() - t0
             if time.perf_counter() >= deadline:
                 return None
-            time.sleep(POLL_S)
-            self.waited_s += POLL_S
-
-    def send_priorities(self, positions: np.ndarray, priorities: np.ndarray) -> None:
-        self.worker.replay.update_priorities(positions, priorities)
 
 
 class SearchServer:
@@ -150,8 +151,8 @@ def run_learner(spec: PipelineSpec) -> None:
     """Own the model: train on batches, send priorities, publish weights, checkpoint."""
     cfg = spec.cfg()
     counters = attach(SharedCounters, spec.counters)
-    selfplay = attach(SharedWeights, spec.selfplay_weights)
-    target_w = attach(SharedWeights, spec.target_weights)
+    selfplay = WeightHistory([attach(SharedWeights, s) for s in spec.selfplay_weights])
+    target_w = WeightHistory([attach(SharedWeights, s) for s in spec.target_weights])
     eval_w = attach(SharedWeights, spec.eval_weights)
     device = resolve_device(cfg.run.device)
     torch.manual_seed(model_seed(cfg))  # the initial weights (a resumed run loads its own)
@@ -160,15 +161,12 @@ def run_learner(spec: PipelineSpec) -> None:
     ckpt_path = run_dir / "checkpoints" / "latest.pt"
     if spec.resume and ckpt_path.exists():
         learner.load_state_dict(load_checkpoint(ckpt_path, map_location=device)["learner"])
-    source: RingBatches | LocalBatches = (
-        LocalBatches(spec, cfg, counters, learner) if reanalyse_in_learner(cfg)
-        else RingBatches(spec, counters))
+    # The weights of the training step it resumes at (or the initial ones), first.
+    selfplay.publish(learner.model.state_dict(), learner.steps)
+    target_w.publish(learner.target.state_dict(), learner.steps)
+    source = (LocalBatches(spec, cfg, counters, device) if reanalyse_in_learner(cfg)
+              else RingBatches(spec, counters))
     server = SearchServer(spec, cfg, learner, counters) if spec.search_requests else None
-    published = {"selfplay": 0, "target": 0, "eval": 0}
-
-    def publish(name: str, block: SharedWeights, module: torch.nn.Module) -> None:
-        published[name] += 1
-        publish_state(block, module.state_dict(), published[name])
 
     def checkpoint() -> None:
         save_checkpoint(checkpoint_state(cfg, learner.state_dict(), learner.model.state_dict(),
@@ -176,8 +174,6 @@ def run_learner(spec: PipelineSpec) -> None:
 
     counters["train_steps"] = learner.steps
     counters["target_version"] = learner.target_version
-    publish("selfplay", selfplay, learner.model)
-    publish("target", target_w, learner.target)
     run = cfg.run
     total_train = total_training_steps(cfg)
     while learner.steps < total_train and not counters["stop"]:
@@ -198,21 +194,21 @@ def run_learner(spec: PipelineSpec) -> None:
             continue
         target_before = learner.target_version
         metrics, prio = learner.train_step(batch)
-        source.send_priorities(batch.positions, prio)
         steps = learner.steps
-        counters["train_steps"] = steps
+        source.send_priorities(steps, batch.positions, prio)
         for name in METRICS:
             counters.add(f"{name}_sum", metrics[name])
         if steps % run.selfplay_update_interval == 0:
-            publish("selfplay", selfplay, learner.model)
+            selfplay.publish(learner.model.state_dict(), steps)
             if server is not None:
                 server.refresh()
         if learner.target_version != target_before:
-            publish("target", target_w, learner.target)
+            target_w.publish(learner.target.state_dict(), steps)
             counters["target_version"] = learner.target_version
         if steps % run.eval_interval == 0 or steps == total_train:
-            counters["eval_request"] = steps
-            publish("eval", eval_w, learner.model)
+            publish_state(eval_w, learner.model.state_dict(), steps)
+        # Last: readers waiting for this step's weights find them published.
+        counters["train_steps"] = steps
         if steps % run.checkpoint_interval == 0:
             checkpoint()
     checkpoint()

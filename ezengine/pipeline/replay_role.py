@@ -1,10 +1,12 @@
-"""The reanalyse process: owns the replay, ingests the collectors' records, applies the
-learner's priorities and builds training batches with the target model."""
+"""The reanalyse process: owns the replay, ingests the collectors' records in turn, applies
+the learner's priorities and builds training batches with the target model, on the
+timetable of recipe.py."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,7 @@ import numpy as np
 from ezengine.batch import TrainingBatch
 from ezengine.collector import finished_games
 from ezengine.config import Config
+from ezengine.envs import EnvDescription
 from ezengine.model import EfficientZeroNet
 from ezengine.pipeline.layouts import transition_layout
 from ezengine.pipeline.spec import PipelineSpec
@@ -23,12 +26,14 @@ from ezengine.pipeline.transition_log import (
 from ezengine.pipeline.transport import (
     POLL_S,
     attach,
-    refresh,
-    wait_for_version,
+    load_published,
+    wait_for_training,
     write_unless_stopped,
 )
+from ezengine.pipeline.weights import WeightHistory
 from ezengine.reanalyse import Reanalyser
 from ezengine.recipe import (
+    BATCH_LEAD,
     build_network,
     build_replay,
     paced_training_steps,
@@ -41,78 +46,173 @@ from ezengine.recipe import (
 from ezengine.rings import (
     Ring,
     RingClosed,
+    RingTimeout,
     SharedCounters,
     SharedWeights,
 )
 
 
-class ReplayWorker:
-    """The replay and its reanalyser, fed by the collectors' transition rings.
+class ReplayOwner:
+    """The replay, its reanalyser and the order of their work, without any transport: the
+    pipeline's reanalyse process and the serial runner both drive one.
 
-    Runs in the reanalyse process (CPU target copy), or inside the learner process when
-    the learner trains on CUDA, so that reanalysis inference runs on the GPU model.
+    Records enter in turn (`next_collector`); batch s is due once the records in the replay
+    allow it (`batch_due`), and is built with the priorities of training steps up to
+    s - BATCH_LEAD applied (`apply_priorities`) and the target weights of that step.
+
+    Args:
+        cfg: the resolved config.
+        env: the environment's description.
+        num_collectors: how many collectors feed the replay.
+        trained: training steps already done (a resumed run's checkpoint).
     """
 
-    def __init__(self, spec: PipelineSpec, cfg: Config, counters: SharedCounters) -> None:
+    def __init__(self, cfg: Config, env: EnvDescription, num_collectors: int,
+                 trained: int = 0) -> None:
         self.cfg = cfg
-        self.counters = counters
-        self.rings = [attach(Ring, s) for s in spec.transitions]
-        self.open_rings = set(range(len(self.rings)))
-        n = cfg.env.num_envs
-        self.n = n
-        self.replay = build_replay(cfg, spec.env, writers=spec.num_collectors * n)
-        self.env_steps = [0] * spec.num_collectors
+        self.env = env
+        self.n = cfg.env.num_envs
+        self.replay = build_replay(cfg, env, writers=num_collectors * self.n)
+        self.env_steps = [0] * num_collectors
         self.recent = recent_returns()
-        if spec.resume:
-            self.env_steps = rebuild_from_logs(
-                self.replay, [log_path(spec.run_dir, i) for i in range(spec.num_collectors)],
-                transition_layout(cfg, spec.env), n, self.recent)
-        self._publish_counts()
-        self.reanalyser = Reanalyser(cfg, self.replay, spec.env.num_actions,
+        self.reanalyser = Reanalyser(cfg, self.replay, env.num_actions,
                                      seed=reanalyse_seed(cfg))
         self.rng = np.random.default_rng(sampling_seed(cfg))
         self.total_train = total_training_steps(cfg)
+        self.next_batch = trained + 1
+        self.priorities_through = trained
 
     @property
     def total_env_steps(self) -> int:
         return sum(self.env_steps)
 
-    def _publish_counts(self) -> None:
-        self.counters["replay_env_steps"] = self.total_env_steps
-        self.counters["replay_positions"] = self.replay.size
+    def rebuild(self, run_dir: str | Path) -> None:
+        """Refill the replay from the collectors' logs in `run_dir` (a resumed run)."""
+        self.env_steps = rebuild_from_logs(
+            self.replay, [log_path(run_dir, i) for i in range(len(self.env_steps))],
+            transition_layout(self.cfg, self.env), self.n, self.recent)
 
-    def ingest(self) -> bool:
-        """Store at most one waiting record from each collector; whether any came."""
-        busy = False
-        for i in list(self.open_rings):
-            try:
-                with self.rings[i].try_read() as rec:
-                    if rec is None:
-                        continue
-                    ingest_record(self.replay, rec, i, self.env_steps, self.n)
-                    games = finished_games(rec)
-            except RingClosed:
-                self.open_rings.discard(i)
-                continue
-            busy = True
-            self._publish_counts()
-            if games:
-                self.recent.extend(games)
-                self.counters.add("games", len(games))
-                self.counters["recent_return"] = float(np.mean(self.recent))
-        return busy
+    def next_collector(self) -> int:
+        """The collector whose record enters next: the one with the fewest env steps."""
+        return int(np.argmin(self.env_steps))
 
-    def batches_allowed(self) -> int:
-        """Training batches the replay ratio allows at the current environment steps."""
-        if self.replay.num_sampleable == 0:
-            return 0
-        return paced_training_steps(self.cfg, self.total_env_steps)
+    def ingest(self, record: Any, collector: int) -> list[float]:
+        """Store one record of `collector`; returns the scores of the games it finished."""
+        ingest_record(self.replay, record, collector, self.env_steps, self.n)
+        games = finished_games(record)
+        self.recent.extend(games)
+        return games
+
+    def batch_due(self) -> bool:
+        """Whether the records in the replay allow the next batch."""
+        return (self.replay.num_sampleable > 0 and self.next_batch <= self.total_train
+                and self.next_batch <= paced_training_steps(self.cfg, self.total_env_steps))
+
+    @property
+    def lead_step(self) -> int:
+        """The training step whose priorities and target weights the next batch sees."""
+        return self.next_batch - BATCH_LEAD
+
+    def apply_priorities(self, step: int, positions: np.ndarray, priorities: np.ndarray
+                         ) -> None:
+        """The priorities training `step` computed; steps arrive in order."""
+        if step != self.priorities_through + 1:
+            raise RuntimeError(f"priorities of training step {step} arrived after those of "
+                               f"step {self.priorities_through}")
+        self.replay.update_priorities(positions, priorities)
+        self.priorities_through = step
 
     def build(self, target: EfficientZeroNet, target_version: int) -> TrainingBatch:
-        """Sample (beta annealed over training) and reanalyse one training batch."""
-        sample = sample_batch_positions(self.cfg, self.replay, self.counters["train_steps"],
-                                        self.rng)
-        return self.reanalyser.build(target, sample, self.total_env_steps, target_version)
+        """The next batch (beta of its training step), reanalysed with `target`."""
+        if self.priorities_through < self.lead_step:
+            raise RuntimeError(f"batch {self.next_batch} needs the priorities of training "
+                               f"step {self.lead_step}; it has those up to "
+                               f"{self.priorities_through}")
+        sample = sample_batch_positions(self.cfg, self.replay, self.next_batch - 1, self.rng)
+        batch = self.reanalyser.build(target, sample, self.total_env_steps, target_version)
+        self.next_batch += 1
+        return batch
+
+
+class ReplayWorker:
+    """A ReplayOwner fed by the collectors' transition rings and the learner's priority
+    ring, with a target model loaded from the published target weights.
+
+    Runs in the reanalyse process (a CPU target copy), or inside the learner process when
+    the learner trains on CUDA, so that reanalysis inference runs on the GPU model.
+    """
+
+    def __init__(self, spec: PipelineSpec, cfg: Config, counters: SharedCounters,
+                 device: Any = "cpu") -> None:
+        self.counters = counters
+        self.rings = [attach(Ring, s) for s in spec.transitions]
+        trained = counters["train_steps"]
+        self.owner = ReplayOwner(cfg, spec.env, spec.num_collectors, trained)
+        if spec.resume:
+            self.owner.rebuild(spec.run_dir)
+        self.collecting = True
+        self.priorities = attach(Ring, spec.priorities)
+        self.target_weights = WeightHistory([attach(SharedWeights, s)
+                                             for s in spec.target_weights])
+        self.target = build_network(cfg, spec.env).to(device)
+        self.flat = np.empty(self.target_weights.size, dtype=np.float32)
+        self.target_step: int | None = None
+        self._publish_counts()
+
+    def _publish_counts(self) -> None:
+        self.counters["replay_env_steps"] = self.owner.total_env_steps
+        self.counters["replay_positions"] = self.owner.replay.size
+
+    def ingest(self, timeout: float) -> bool:
+        """Store the next record in turn, waiting up to `timeout` for it; whether one came.
+        A closed ring ends collection: every collector has the same budget."""
+        if not self.collecting:
+            return False
+        turn = self.owner.next_collector()
+        try:
+            with self.rings[turn].read(timeout=timeout) as rec:
+                games = self.owner.ingest(rec, turn)
+        except RingTimeout:
+            return False
+        except RingClosed:
+            self.collecting = False
+            return False
+        self._publish_counts()
+        if games:
+            self.counters.add("games", len(games))
+            self.counters["recent_return"] = float(np.mean(self.owner.recent))
+        return True
+
+    def take_priorities(self, timeout: float) -> bool:
+        """Apply the priorities the next batch needs, waiting up to `timeout` for each
+        message; whether it has them all."""
+        while self.owner.priorities_through < self.owner.lead_step:
+            try:
+                with self.priorities.read(timeout=timeout) as upd:
+                    self.owner.apply_priorities(int(upd["step"][0]),
+                                                np.array(upd["positions"]),
+                                                np.array(upd["priorities"]))
+            except RingTimeout:
+                return False
+        return True
+
+    def build(self) -> TrainingBatch:
+        """The next batch, with the target weights of its lead step (waited for)."""
+        step = max(self.owner.lead_step, 0)
+        wait_for_training(self.counters, step)
+        self.target_step = load_published(self.target, self.target_weights, step, self.flat,
+                                          self.target_step)
+        return self.owner.build(self.target, self.target_step or 0)
+
+    def next_batch(self, timeout: float) -> TrainingBatch | None:
+        """Do the next piece of work in the timetable; the batch if it was one, else None
+        (a record stored, or nothing ready within `timeout`)."""
+        if self.owner.batch_due():
+            return self.build() if self.take_priorities(timeout) else None
+        if not self.collecting:  # only the learner's extra steps are left
+            time.sleep(POLL_S)
+        self.ingest(timeout)
+        return None
 
 
 def run_reanalyse(spec: PipelineSpec) -> None:
@@ -121,33 +221,14 @@ def run_reanalyse(spec: PipelineSpec) -> None:
     counters = attach(SharedCounters, spec.counters)
     worker = ReplayWorker(spec, cfg, counters)
     batches = attach(Ring, spec.batches)
-    priorities = attach(Ring, spec.priorities)
-    target_weights = attach(SharedWeights, spec.target_weights)
-    target = build_network(cfg, spec.env)
-    flat = np.empty(target_weights.spec.size, dtype=np.float32)
-    loaded = 0
-    slots = batches.spec.num_slots
     while not counters["stop"] and not counters["learner_done"]:
-        busy = worker.ingest()
-        with priorities.try_read() as upd:
-            if upd is not None:
-                worker.replay.update_priorities(np.array(upd["positions"]),
-                                                np.array(upd["priorities"]))
-                busy = True
-        built, allowed = counters["batches"], worker.batches_allowed()
-        # Build ahead of the learner by at most the ring's slots, never before data exists.
-        if (allowed > 0 and built < min(allowed + slots, worker.total_train)
-                and batches.fill() < slots):
-            wait_for_version(target_weights, counters)
-            loaded = refresh(target, target_weights, flat, loaded)
-            batch = worker.build(target, counters["target_version"])
+        batch = worker.next_batch(timeout=0.5)
+        if batch is None:
+            continue
 
-            def fill(slot: Any, batch: TrainingBatch = batch) -> None:
-                for f in fields(batch):
-                    slot[f.name][...] = getattr(batch, f.name)
-            if not write_unless_stopped(batches, counters, fill):
-                return
-            counters.add("batches")
-            busy = True
-        if not busy:
-            time.sleep(POLL_S)
+        def fill(slot: Any, batch: TrainingBatch = batch) -> None:
+            for f in fields(batch):
+                slot[f.name][...] = getattr(batch, f.name)
+        if not write_unless_stopped(batches, counters, fill):
+            return
+        counters.add("batches")

@@ -9,6 +9,7 @@ from typing import Any
 from ezengine.config import Config, config_from_dict
 from ezengine.envs import EnvDescription
 from ezengine.learner import METRICS
+from ezengine.recipe import BATCH_LEAD
 from ezengine.rings import (
     CountersSpec,
     RingSpec,
@@ -16,8 +17,7 @@ from ezengine.rings import (
 )
 
 INT_COUNTERS = ("stop", "replay_env_steps", "replay_positions", "train_steps",
-                "target_version", "batches", "games", "learner_done", "eval_done",
-                "eval_request")
+                "target_version", "batches", "games", "learner_done", "eval_done")
 
 
 # The learner adds each training step's metrics to these sums; a progress row of
@@ -30,7 +30,7 @@ FLOAT_COUNTERS = ("recent_return", "learner_wait_s", *METRIC_SUMS)
 
 # Slots per ring: transitions (per collector; a full ring blocks its collector), batches
 # (how far reanalysis may build ahead of the learner), priorities (learner -> reanalyse).
-RING_SLOTS = {"transitions": 64, "batches": 2, "priorities": 16}
+RING_SLOTS = {"transitions": 64, "batches": BATCH_LEAD, "priorities": 16}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,8 +46,8 @@ class PipelineSpec:
     batches: RingSpec
     priorities: RingSpec
     counters: CountersSpec
-    selfplay_weights: WeightsSpec
-    target_weights: WeightsSpec
+    selfplay_weights: list[WeightsSpec]  # a WeightHistory's blocks
+    target_weights: list[WeightsSpec]
     eval_weights: WeightsSpec
     search_requests: list[RingSpec]  # per collector; empty unless collector_inference=learner
     search_results: list[RingSpec]

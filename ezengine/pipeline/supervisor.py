@@ -32,7 +32,7 @@ from ezengine.pipeline.spec import (
     PipelineSpec,
 )
 from ezengine.pipeline.transition_log import TransitionLog, log_path
-from ezengine.pipeline.weights import state_size
+from ezengine.pipeline.weights import HISTORY_SLOTS, state_size
 from ezengine.recipe import build_network, progress_line, total_training_steps
 from ezengine.rings import (
     Ring,
@@ -138,15 +138,18 @@ class PipelineTrainer:
                                      RING_SLOTS["priorities"],
                                      name="priorities: learner -> reanalyse")
             counters = SharedCounters.create(prefix, ints=INT_COUNTERS, floats=FLOAT_COUNTERS)
-            weights = {name: SharedWeights.create(prefix, size, name=f"{name} weights")
-                       for name in ("selfplay", "target", "eval")}
+            histories = {name: [SharedWeights.create(prefix, size, name=f"{name} weights {i}")
+                                for i in range(HISTORY_SLOTS)]
+                         for name in ("selfplay", "target")}
+            eval_weights = SharedWeights.create(prefix, size, name="eval weights")
             remote_collectors = (self.num_collectors
                                  if cfg.run.collector_inference == "learner" else 0)
             requests = per_collector(search_request_layout(cfg, env), 1,
                                      "search requests: collector-{} -> learner", remote_collectors)
             results = per_collector(search_result_layout(cfg, env), 1,
                                     "search results: learner -> collector-{}", remote_collectors)
-            blocks = [*transitions, batches, priorities, counters, *weights.values(),
+            blocks = [*transitions, batches, priorities, counters, *histories["selfplay"],
+                      *histories["target"], eval_weights,
                       *requests, *results]
             self.rings = {"transitions": transitions, "batches": [batches]}
             if self.resume:
@@ -156,8 +159,9 @@ class PipelineTrainer:
                 num_collectors=self.num_collectors, resume=self.resume,
                 transitions=[r.spec for r in transitions], batches=batches.spec,
                 priorities=priorities.spec, counters=counters.spec,
-                selfplay_weights=weights["selfplay"].spec,
-                target_weights=weights["target"].spec, eval_weights=weights["eval"].spec,
+                selfplay_weights=[b.spec for b in histories["selfplay"]],
+                target_weights=[b.spec for b in histories["target"]],
+                eval_weights=eval_weights.spec,
                 search_requests=[r.spec for r in requests],
                 search_results=[r.spec for r in results], prefix=prefix,
                 supervisor_pid=os.getpid())

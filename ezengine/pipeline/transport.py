@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from ezengine.model import EfficientZeroNet
-from ezengine.pipeline.weights import load_flat
+from ezengine.pipeline.weights import WeightHistory, load_flat
+from ezengine.recipe import published_step
 from ezengine.rings import (
     Ring,
     RingTimeout,
@@ -53,10 +54,25 @@ def write_unless_stopped(ring: Ring, counters: SharedCounters, fill: Any) -> boo
                 return False
 
 
-def wait_for_version(weights: SharedWeights, counters: SharedCounters) -> None:
-    """Block until the learner has published the first weights (or the run stops)."""
-    while weights.version == 0 and not counters["stop"]:
-        time.sleep(0.01)
+def wait_for_training(counters: SharedCounters, step: int) -> None:
+    """Block until the learner has trained, and published the weights of, `step` (or has
+    finished, or the run stops)."""
+    while (counters["train_steps"] < step and not counters["learner_done"]
+           and not counters["stop"]):
+        time.sleep(POLL_S)
+
+
+def load_published(model: EfficientZeroNet, history: WeightHistory, step: int,
+                   flat: np.ndarray, loaded: int | None) -> int | None:
+    """Load the publish a reader of training `step` takes into `model`, unless it is the
+    one already `loaded`; returns the training step of the weights now loaded."""
+    held = history.steps()
+    if held and published_step(held, step) == loaded:
+        return loaded
+    got = history.read(step, flat)
+    if got is not None:
+        load_flat(model, flat)
+    return got
 
 
 class Stopped(Exception):

@@ -8,7 +8,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from ezengine.recipe import published_step
 from ezengine.rings import SharedWeights
+
+# Publishes a WeightHistory keeps: the timetable's readers need the newest publish at or
+# before a step at most one publish behind the writer's latest (recipe.py), one more spare.
+HISTORY_SLOTS = 3
 
 
 def publish_state(block: SharedWeights, state: Mapping[str, torch.Tensor], version: int
@@ -68,3 +73,56 @@ def load_flat(module: torch.nn.Module, flat: np.ndarray) -> None:
             n = int(tensor.numel())
             tensor.copy_(src[pos:pos + n].view(tensor.shape))
             pos += n
+
+
+class WeightHistory:
+    """The last HISTORY_SLOTS publishes of one kind of weights (self-play or target), each
+    in its own SharedWeights block under the training step it was published at (stored as
+    version step + 1; 0 is an empty block). One writer, many readers."""
+
+    def __init__(self, blocks: list[SharedWeights]) -> None:
+        self.blocks = blocks
+        self.size = blocks[0].size
+
+    def publish(self, state: Mapping[str, torch.Tensor], step: int) -> None:
+        """Publish `state` as the weights of training `step` over the oldest publish."""
+        oldest = min(self.blocks, key=lambda b: b.version)
+        publish_state(oldest, state, step + 1)
+
+    def steps(self) -> list[int]:
+        """Training steps of the publishes held now."""
+        return [b.version - 1 for b in self.blocks if b.version]
+
+    def read(self, step: int, out: np.ndarray) -> int | None:
+        """Copy the publish a reader of training `step` takes (recipe.published_step) into
+        `out`; returns its training step, or None while nothing is published."""
+        while True:
+            held = self.steps()
+            if not held:
+                return None
+            want = published_step(held, step)
+            for block in self.blocks:
+                if block.version == want + 1 and block.read_into(out) == want + 1:
+                    return want
+            # The writer replaced it between the look and the copy: look again.
+
+
+class LocalHistory:
+    """WeightHistory's rule in one process (the serial runner): copies of the last
+    HISTORY_SLOTS publishes, each under its training step."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def publish(self, state: Mapping[str, torch.Tensor], step: int) -> None:
+        self.states[step] = {k: v.detach().clone() for k, v in state.items()}
+        while len(self.states) > HISTORY_SLOTS:
+            del self.states[min(self.states)]
+
+    def load(self, module: torch.nn.Module, step: int, loaded: int | None) -> int:
+        """Load the publish a reader of training `step` takes into `module`, unless it is
+        the one already `loaded`; returns its training step."""
+        want = published_step(list(self.states), step)
+        if want != loaded:
+            module.load_state_dict(self.states[want])
+        return want
