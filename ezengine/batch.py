@@ -59,3 +59,8 @@ class TrainingBatch:
         values = {f.name: np.array(arrays[f.name]) for f in fields(cls)}
         values["target_version"] = int(values["target_version"])
         return cls(**values)
+
+    def write_into(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Copy every field into `arrays` (e.g. a shared-memory slot's views)."""
+        for f in fields(self):
+            arrays[f.name][...] = getattr(self, f.name)

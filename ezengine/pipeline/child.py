@@ -17,11 +17,9 @@ from ezengine.pipeline.collector_role import run_collector
 from ezengine.pipeline.evaluator_role import run_evaluator
 from ezengine.pipeline.learner_role import run_learner
 from ezengine.pipeline.replay_role import run_reanalyse
+from ezengine.pipeline.shared_memory import ATTACHED, SharedMemoryTransport
 from ezengine.pipeline.spec import PipelineSpec
-from ezengine.pipeline.transport import (
-    _ATTACHED,
-    Stopped,
-)
+from ezengine.pipeline.transport import Stopped
 from ezengine.rings import (
     SharedCounters,
     unlink_segments,
@@ -41,7 +39,7 @@ def _stop_run(signum: int, _frame: Any) -> None:
     """SIGTERM in a child (sent by a user, or by the kernel when the supervisor died): stop
     the whole run the orderly way, through the shared stop flag (the learner writes its
     final checkpoint); before the counters are attached there is nothing to save."""
-    counters = [b for b in _ATTACHED if isinstance(b, SharedCounters)]
+    counters = [b for b in ATTACHED if isinstance(b, SharedCounters)]
     if counters:
         counters[0]["stop"] = 1
     if not counters or _INTERRUPTIBLE:
@@ -76,10 +74,11 @@ def child_main(role: str, index: int, spec: PipelineSpec, errors: Any) -> None:
     set_process_name(f"ez-{name}")
     configure_torch(threads=1)
     try:
+        transport = SharedMemoryTransport(spec)
         if role == "collector":
-            run_collector(spec, index)
+            run_collector(spec, index, transport)
         else:
-            ROLES[role](spec)
+            ROLES[role](spec, transport)
     except Stopped:
         pass
     except DiskFullError as exc:  # the user's to fix: one line, no traceback
@@ -89,7 +88,7 @@ def child_main(role: str, index: int, spec: PipelineSpec, errors: Any) -> None:
         errors.put((name, traceback.format_exc()))
         sys.exit(1)
     finally:
-        for block in _ATTACHED:
+        for block in ATTACHED:
             block.detach()
         if os.getppid() != spec.supervisor_pid:
             unlink_segments(spec.prefix)

@@ -1,11 +1,10 @@
-"""The learner process: owns the model; trains on batches, sends priorities back,
+"""The learner role: owns the model; trains on batches, sends priorities back,
 publishes self-play, target and evaluation weights, checkpoints."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,27 +15,18 @@ from ezengine.config import Config
 from ezengine.device import resolve_device
 from ezengine.learner import METRICS, Learner
 from ezengine.pipeline.replay_role import ReplayWorker
-from ezengine.pipeline.spec import (
-    PipelineSpec,
-)
+from ezengine.pipeline.spec import PipelineSpec
 from ezengine.pipeline.transport import (
     POLL_S,
-    attach,
-    write_unless_stopped,
+    Timeout,
+    Transport,
 )
-from ezengine.pipeline.weights import WeightHistory, publish_state
 from ezengine.recipe import (
     build_network,
     checkpoint_state,
     collector_seed,
     model_seed,
     total_training_steps,
-)
-from ezengine.rings import (
-    Ring,
-    RingTimeout,
-    SharedCounters,
-    SharedWeights,
 )
 from ezengine.search import BatchedSearch, SearchResult
 
@@ -49,22 +39,19 @@ def reanalyse_in_learner(cfg: Config) -> bool:
     return placement == "learner"
 
 
-class RingBatches:
-    """Training batches from the reanalyse process; priorities go back the same way."""
+class SentBatches:
+    """Training batches from the reanalyse role; priorities go back the same way."""
 
-    def __init__(self, spec: PipelineSpec, counters: SharedCounters) -> None:
-        self.counters = counters
-        self.batches = attach(Ring, spec.batches)
-        self.priorities = attach(Ring, spec.priorities)
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
         self.waited_s = 0.0
 
     def next(self, timeout: float) -> TrainingBatch | None:
-        """The next batch, copied out of its slot (freed at once), or None after timeout."""
+        """The next batch, or None after timeout."""
         t0 = time.perf_counter()
         try:
-            with self.batches.read(timeout=timeout) as slot:
-                return TrainingBatch.from_arrays(slot)
-        except RingTimeout:
+            return self.transport.take_batch(timeout)
+        except Timeout:
             return None
         finally:
             self.waited_s += time.perf_counter() - t0
@@ -72,23 +59,19 @@ class RingBatches:
     def send_priorities(self, step: int, positions: np.ndarray, priorities: np.ndarray
                         ) -> None:
         """The priorities training `step` computed, to the replay's owner."""
-        def fill(slot: Any) -> None:
-            slot["step"][0] = step
-            slot["positions"][...] = positions
-            slot["priorities"][...] = priorities
-        write_unless_stopped(self.priorities, self.counters, fill)
+        self.transport.put_priorities(step, positions, priorities)
 
 
-class LocalBatches(RingBatches):
+class LocalBatches(SentBatches):
     """Training batches reanalysed in this (the learner's) process on the training device:
     the reanalysis inference, most of the compute, runs on the GPU. The timetable is the
-    reanalyse process's: priorities still go through their ring (to this process), and
+    reanalyse role's: priorities still go through the transport (to this process), and
     the target comes from the published target weights."""
 
-    def __init__(self, spec: PipelineSpec, cfg: Config, counters: SharedCounters,
+    def __init__(self, spec: PipelineSpec, cfg: Config, transport: Transport,
                  device: torch.device) -> None:
-        super().__init__(spec, counters)
-        self.worker = ReplayWorker(spec, cfg, counters, device)
+        super().__init__(transport)
+        self.worker = ReplayWorker(spec, cfg, transport, device)
 
     def next(self, timeout: float) -> TrainingBatch | None:
         """The next batch, ingesting records until the timetable allows it; None after
@@ -105,23 +88,21 @@ class LocalBatches(RingBatches):
 
 
 class SearchServer:
-    """The model owner's side of SearchClient: runs every collector's pending search on
+    """The model owner's side of OwnerSearches: runs every collector's pending search on
     the training device with a copy of the latest published self-play weights."""
 
     def __init__(self, spec: PipelineSpec, cfg: Config, learner: Learner,
-                 counters: SharedCounters) -> None:
-        self.requests = [attach(Ring, s) for s in spec.search_requests]
-        self.results = [attach(Ring, s) for s in spec.search_results]
-        self.counters = counters
+                 transport: Transport) -> None:
+        self.transport = transport
         self.learner = learner
         self.device = learner.device
         self.model = build_network(cfg, spec.env).to(self.device)
         # Seeded like the collectors' own searches, by the steps so far: a resumed run does
         # not repeat its root noise.
-        start = counters["replay_env_steps"]
+        start = transport.counters["replay_env_steps"]
         self.searches = [BatchedSearch.for_config(cfg, spec.env.num_actions,
                                                   collector_seed(cfg, i, start))
-                         for i in range(len(self.requests))]
+                         for i in range(spec.num_collectors)]
         self.refresh()
 
     def refresh(self) -> None:
@@ -130,30 +111,16 @@ class SearchServer:
 
     def serve(self) -> bool:
         """Answer every waiting request (one per collector); whether there was any."""
-        busy = False
-        for i, requests in enumerate(self.requests):
-            with requests.try_read() as slot:
-                if slot is None:
-                    continue
-                obs = torch.from_numpy(np.array(slot["obs"])).to(self.device)
-            result = self.searches[i].run(self.model, obs, add_noise=True)
-
-            def fill(out: Any, result: SearchResult = result) -> None:
-                out["visit_counts"][...] = result.visit_counts
-                out["root_values"][...] = result.root_values
-                out["predicted_values"][...] = result.predicted_values
-            write_unless_stopped(self.results[i], self.counters, fill)
-            busy = True
-        return busy
+        def run(collector: int, obs: np.ndarray) -> SearchResult:
+            return self.searches[collector].run(
+                self.model, torch.from_numpy(obs).to(self.device), add_noise=True)
+        return self.transport.serve_searches(run)
 
 
-def run_learner(spec: PipelineSpec) -> None:
+def run_learner(spec: PipelineSpec, transport: Transport) -> None:
     """Own the model: train on batches, send priorities, publish weights, checkpoint."""
     cfg = spec.cfg()
-    counters = attach(SharedCounters, spec.counters)
-    selfplay = WeightHistory([attach(SharedWeights, s) for s in spec.selfplay_weights])
-    target_w = WeightHistory([attach(SharedWeights, s) for s in spec.target_weights])
-    eval_w = attach(SharedWeights, spec.eval_weights)
+    counters = transport.counters
     device = resolve_device(cfg.run.device)
     torch.manual_seed(model_seed(cfg))  # the initial weights (a resumed run loads its own)
     learner = Learner(cfg, build_network(cfg, spec.env).train(), device)
@@ -162,11 +129,12 @@ def run_learner(spec: PipelineSpec) -> None:
     if spec.resume and ckpt_path.exists():
         learner.load_state_dict(load_checkpoint(ckpt_path, map_location=device)["learner"])
     # The weights of the training step it resumes at (or the initial ones), first.
-    selfplay.publish(learner.model.state_dict(), learner.steps)
-    target_w.publish(learner.target.state_dict(), learner.steps)
-    source = (LocalBatches(spec, cfg, counters, device) if reanalyse_in_learner(cfg)
-              else RingBatches(spec, counters))
-    server = SearchServer(spec, cfg, learner, counters) if spec.search_requests else None
+    transport.publish("selfplay", learner.model.state_dict(), learner.steps)
+    transport.publish("target", learner.target.state_dict(), learner.steps)
+    source = (LocalBatches(spec, cfg, transport, device) if reanalyse_in_learner(cfg)
+              else SentBatches(transport))
+    server = (SearchServer(spec, cfg, learner, transport)
+              if cfg.run.collector_inference == "learner" else None)
 
     def checkpoint() -> None:
         save_checkpoint(checkpoint_state(cfg, learner.state_dict(), learner.model.state_dict(),
@@ -199,14 +167,14 @@ def run_learner(spec: PipelineSpec) -> None:
         for name in METRICS:
             counters.add(f"{name}_sum", metrics[name])
         if steps % run.selfplay_update_interval == 0:
-            selfplay.publish(learner.model.state_dict(), steps)
+            transport.publish("selfplay", learner.model.state_dict(), steps)
             if server is not None:
                 server.refresh()
         if learner.target_version != target_before:
-            target_w.publish(learner.target.state_dict(), steps)
+            transport.publish("target", learner.target.state_dict(), steps)
             counters["target_version"] = learner.target_version
         if steps % run.eval_interval == 0 or steps == total_train:
-            publish_state(eval_w, learner.model.state_dict(), steps)
+            transport.publish("eval", learner.model.state_dict(), steps)
         # Last: readers waiting for this step's weights find them published.
         counters["train_steps"] = steps
         if steps % run.checkpoint_interval == 0:

@@ -1,11 +1,10 @@
-"""The reanalyse process: owns the replay, ingests the collectors' records in turn, applies
+"""The reanalyse role: owns the replay, ingests the collectors' records in turn, applies
 the learner's priorities and builds training batches with the target model, on the
 timetable of recipe.py."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,11 @@ from ezengine.pipeline.transition_log import (
 )
 from ezengine.pipeline.transport import (
     POLL_S,
-    attach,
-    load_published,
+    Closed,
+    Timeout,
+    Transport,
     wait_for_training,
-    write_unless_stopped,
 )
-from ezengine.pipeline.weights import WeightHistory
 from ezengine.reanalyse import Reanalyser
 from ezengine.recipe import (
     BATCH_LEAD,
@@ -42,13 +40,6 @@ from ezengine.recipe import (
     sample_batch_positions,
     sampling_seed,
     total_training_steps,
-)
-from ezengine.rings import (
-    Ring,
-    RingClosed,
-    RingTimeout,
-    SharedCounters,
-    SharedWeights,
 )
 
 
@@ -135,27 +126,23 @@ class ReplayOwner:
 
 
 class ReplayWorker:
-    """A ReplayOwner fed by the collectors' transition rings and the learner's priority
-    ring, with a target model loaded from the published target weights.
+    """A ReplayOwner fed through a Transport: the collectors' records, the learner's
+    priorities, and a target model loaded from the published target weights.
 
     Runs in the reanalyse process (a CPU target copy), or inside the learner process when
     the learner trains on CUDA, so that reanalysis inference runs on the GPU model.
     """
 
-    def __init__(self, spec: PipelineSpec, cfg: Config, counters: SharedCounters,
+    def __init__(self, spec: PipelineSpec, cfg: Config, transport: Transport,
                  device: Any = "cpu") -> None:
-        self.counters = counters
-        self.rings = [attach(Ring, s) for s in spec.transitions]
-        trained = counters["train_steps"]
-        self.owner = ReplayOwner(cfg, spec.env, spec.num_collectors, trained)
+        self.transport = transport
+        self.counters = transport.counters
+        self.owner = ReplayOwner(cfg, spec.env, spec.num_collectors,
+                                 trained=self.counters["train_steps"])
         if spec.resume:
             self.owner.rebuild(spec.run_dir)
         self.collecting = True
-        self.priorities = attach(Ring, spec.priorities)
-        self.target_weights = WeightHistory([attach(SharedWeights, s)
-                                             for s in spec.target_weights])
         self.target = build_network(cfg, spec.env).to(device)
-        self.flat = np.empty(self.target_weights.size, dtype=np.float32)
         self.target_step: int | None = None
         self._publish_counts()
 
@@ -165,16 +152,16 @@ class ReplayWorker:
 
     def ingest(self, timeout: float) -> bool:
         """Store the next record in turn, waiting up to `timeout` for it; whether one came.
-        A closed ring ends collection: every collector has the same budget."""
+        A collector that ended ends collection: every collector has the same budget."""
         if not self.collecting:
             return False
         turn = self.owner.next_collector()
         try:
-            with self.rings[turn].read(timeout=timeout) as rec:
+            with self.transport.take_record(turn, timeout) as rec:
                 games = self.owner.ingest(rec, turn)
-        except RingTimeout:
+        except Timeout:
             return False
-        except RingClosed:
+        except Closed:
             self.collecting = False
             return False
         self._publish_counts()
@@ -188,11 +175,8 @@ class ReplayWorker:
         message; whether it has them all."""
         while self.owner.priorities_through < self.owner.lead_step:
             try:
-                with self.priorities.read(timeout=timeout) as upd:
-                    self.owner.apply_priorities(int(upd["step"][0]),
-                                                np.array(upd["positions"]),
-                                                np.array(upd["priorities"]))
-            except RingTimeout:
+                self.owner.apply_priorities(*self.transport.take_priorities(timeout))
+            except Timeout:
                 return False
         return True
 
@@ -200,8 +184,7 @@ class ReplayWorker:
         """The next batch, with the target weights of its lead step (waited for)."""
         step = max(self.owner.lead_step, 0)
         wait_for_training(self.counters, step)
-        self.target_step = load_published(self.target, self.target_weights, step, self.flat,
-                                          self.target_step)
+        self.target_step = self.transport.load("target", self.target, step, self.target_step)
         return self.owner.build(self.target, self.target_step or 0)
 
     def next_batch(self, timeout: float) -> TrainingBatch | None:
@@ -215,20 +198,14 @@ class ReplayWorker:
         return None
 
 
-def run_reanalyse(spec: PipelineSpec) -> None:
+def run_reanalyse(spec: PipelineSpec, transport: Transport) -> None:
     """Own the replay: store transitions, apply priorities, build training batches."""
-    cfg = spec.cfg()
-    counters = attach(SharedCounters, spec.counters)
-    worker = ReplayWorker(spec, cfg, counters)
-    batches = attach(Ring, spec.batches)
+    worker = ReplayWorker(spec, spec.cfg(), transport)
+    counters = transport.counters
     while not counters["stop"] and not counters["learner_done"]:
         batch = worker.next_batch(timeout=0.5)
         if batch is None:
             continue
-
-        def fill(slot: Any, batch: TrainingBatch = batch) -> None:
-            for f in fields(batch):
-                slot[f.name][...] = getattr(batch, f.name)
-        if not write_unless_stopped(batches, counters, fill):
+        if not transport.put_batch(batch):
             return
         counters.add("batches")

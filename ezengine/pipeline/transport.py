@@ -1,60 +1,98 @@
-"""How the roles exchange data: shared-memory blocks attached in a child, versioned weights,
-ring writes that give up when the run stops."""
+"""How the roles exchange data: the `Transport` every role talks to, and the waits built on
+it. The shared-memory rings implement it (`shared_memory.py`); another transport (many
+machines) is another implementation of these methods, with the roles unchanged."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 
-from ezengine.model import EfficientZeroNet
-from ezengine.pipeline.weights import WeightHistory, load_flat
-from ezengine.recipe import published_step
-from ezengine.rings import (
-    Ring,
-    RingTimeout,
-    SharedCounters,
-    SharedWeights,
-)
+from ezengine.batch import TrainingBatch
+from ezengine.rings import RingClosed as Closed
+from ezengine.rings import RingTimeout as Timeout
+from ezengine.search import SearchResult
 
 POLL_S = 0.001
 
-
-# Blocks this (child) process attached; detached before it exits so no view outlives them.
-_ATTACHED: list[Any] = []
-
-
-def attach(kind: type, spec: Any) -> Any:
-    """Attach a shared-memory block (Ring, SharedCounters or SharedWeights) in a child."""
-    block = kind.attach(spec)
-    _ATTACHED.append(block)
-    return block
+__all__ = ["POLL_S", "Closed", "Counters", "Stopped", "Timeout", "Transport",
+           "retry_until_stopped", "wait_for_training"]
 
 
-def refresh(model: EfficientZeroNet, weights: SharedWeights, flat: np.ndarray,
-            loaded: int) -> int:
-    """Load newer published weights into `model`; returns the version now loaded."""
-    if weights.version != loaded:
-        loaded = weights.read_into(flat)
-        load_flat(model, flat)
-    return loaded
+class Stopped(Exception):
+    """This role was told to stop at a point where it has nothing to save."""
 
 
-def write_unless_stopped(ring: Ring, counters: SharedCounters, fill: Any) -> bool:
-    """Write one slot with `fill(slot)`, waiting while the ring is full; gives up (returns
-    False) once the run is stopping, so a producer never hangs on a consumer that quit."""
-    while True:
-        try:
-            with ring.write(timeout=1.0) as slot:
-                fill(slot)
-            return True
-        except RingTimeout:
-            if counters["stop"]:
-                return False
+class Counters(Protocol):
+    """Named numbers every role reads and writes (pipeline/spec.py lists them)."""
+
+    def __getitem__(self, name: str) -> int | float: ...
+
+    def __setitem__(self, name: str, value: float) -> None: ...
+
+    def add(self, name: str, delta: float = 1) -> int | float: ...
+
+    def snapshot(self) -> dict[str, int | float]: ...
 
 
-def wait_for_training(counters: SharedCounters, step: int) -> None:
+class Transport(Protocol):
+    """What the roles send each other. Waits end with `Timeout` after `timeout` seconds;
+    a put that cannot complete because the run stops returns False."""
+
+    counters: Counters
+
+    # collector i -> the replay's owner: one transition record per vector step, in order.
+    def record_slot(self, collector: int, timeout: float
+                    ) -> AbstractContextManager[Mapping[str, np.ndarray]]:
+        """A record to fill in place; it is sent when the block ends without error."""
+        ...
+
+    def end_records(self, collector: int) -> None:
+        """This collector has sent its last record."""
+        ...
+
+    def take_record(self, collector: int, timeout: float
+                    ) -> AbstractContextManager[Mapping[str, np.ndarray]]:
+        """The collector's next record, valid inside the block; `Closed` once it ended."""
+        ...
+
+    # the replay's owner -> the learner
+    def put_batch(self, batch: TrainingBatch) -> bool: ...
+
+    def take_batch(self, timeout: float) -> TrainingBatch: ...
+
+    # the learner -> the replay's owner, in training-step order
+    def put_priorities(self, step: int, positions: np.ndarray, priorities: np.ndarray
+                       ) -> bool: ...
+
+    def take_priorities(self, timeout: float) -> tuple[int, np.ndarray, np.ndarray]: ...
+
+    # the learner -> every role: "selfplay" and "target" under their training step (a
+    # reader takes the publish the timetable names), "eval" the latest only.
+    def publish(self, kind: str, state: Mapping[str, torch.Tensor], step: int) -> None: ...
+
+    def load(self, kind: str, model: torch.nn.Module, step: int, loaded: int | None
+             ) -> int | None:
+        """Load into `model` the `kind` publish a reader of training `step` takes (for
+        "eval": the latest), unless it is the one `loaded`; returns its training step,
+        None while nothing is published."""
+        ...
+
+    # collector i's searches run by the model owner (run.collector_inference: learner)
+    def search(self, collector: int, obs: np.ndarray) -> SearchResult:
+        """Send stacked observations, wait for the result; `Stopped` if the run stops."""
+        ...
+
+    def serve_searches(self, run: Callable[[int, np.ndarray], SearchResult]) -> bool:
+        """Answer each waiting request with run(collector, obs); whether there was any."""
+        ...
+
+
+def wait_for_training(counters: Counters, step: int) -> None:
     """Block until the learner has trained, and published the weights of, `step` (or has
     finished, or the run stops)."""
     while (counters["train_steps"] < step and not counters["learner_done"]
@@ -62,18 +100,12 @@ def wait_for_training(counters: SharedCounters, step: int) -> None:
         time.sleep(POLL_S)
 
 
-def load_published(model: EfficientZeroNet, history: WeightHistory, step: int,
-                   flat: np.ndarray, loaded: int | None) -> int | None:
-    """Load the publish a reader of training `step` takes into `model`, unless it is the
-    one already `loaded`; returns the training step of the weights now loaded."""
-    held = history.steps()
-    if held and published_step(held, step) == loaded:
-        return loaded
-    got = history.read(step, flat)
-    if got is not None:
-        load_flat(model, flat)
-    return got
-
-
-class Stopped(Exception):
-    """This child was told to stop at a point where it has nothing to save."""
+def retry_until_stopped(put: Callable[[], Any], counters: Counters) -> bool:
+    """Call `put` until it does not time out; False if the run stops first."""
+    while True:
+        try:
+            put()
+            return True
+        except Timeout:
+            if counters["stop"]:
+                return False
