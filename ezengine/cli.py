@@ -132,10 +132,12 @@ def _check_runnable(cfg: Config, source: Path) -> None:
     is not there or the environment cannot be made."""
     from ezengine.device import resolve_device
     from ezengine.envs import describe_env
+    from ezengine.model import build_model
 
     try:
         resolve_device(cfg.run.device)
-        describe_env(cfg.env)
+        env = describe_env(cfg.env)
+        build_model(cfg.model, env.frame_shape, env.num_actions, cfg.env.frame_stack)
     except ValueError as exc:
         raise click.ClickException(f"{source}: {exc}") from None
 

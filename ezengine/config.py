@@ -93,9 +93,13 @@ class EnvConfig:
     id: str = _f("ALE/MsPacman-v5", "gymnasium environment id")
     kind: str = _f(
         "atari",
-        "'atari' (ALE with the paper's wrappers) or 'gym' (Discrete actions, 1-D Box obs)",
+        "'atari' (ALE with the paper's wrappers) or 'gym' (Discrete actions; vector or "
+        "image Box observations)",
         _choices("atari", "gym"),
     )
+    image_layout: str = _f("auto", "axis order of a 'gym' env's image observations: 'hwc', "
+                           "'chw', or 'auto' (HWC unless the first axis is the smallest)",
+                           _choices("auto", "hwc", "chw"))
     num_envs: int = _f(8, "environments stepped together by one collector", _POSITIVE)
     frame_stack: int = _f(4, "observations stacked as model input (1 for vector envs)", _POSITIVE)
     frame_skip: int = _f(4, "raw frames per agent step (Atari)", _POSITIVE)
@@ -117,8 +121,13 @@ class EnvConfig:
 class ModelConfig:
     """Network sizes."""
 
-    kind: str = _f("conv", "'conv' (image observations) or 'mlp' (vector observations)",
-                   _choices("conv", "mlp"))
+    kind: str = _f("auto", "'conv' (image observations), 'mlp' (vector observations), or "
+                   "'auto' (the one the observations need)", _choices("auto", "conv", "mlp"))
+    conv_body: str = _f("auto", "conv representation: 'atari' (downsamples 16x: 96x96 -> "
+                        "6x6), 'small' (full resolution, for frames like MinAtar's 10x10), "
+                        "or 'auto' ('small' up to 32x32)", _choices("auto", "atari", "small"))
+    blocks: int = _f(2, "residual blocks of the 'small' conv representation (the 'atari' "
+                     "body is fixed)", _POSITIVE)
     channels: int = _f(64, "channels of the conv hidden state", _POSITIVE)
     reduced_channels: int = _f(16, "channels after the 1x1 conv of the heads", _POSITIVE)
     latent_dim: int = _f(64, "hidden state size (mlp only)", _POSITIVE)
@@ -529,11 +538,10 @@ def _check_cross(cfg: Config, origins: _Origins, source: str) -> None:
     if any(b <= a for a, b in itertools.pairwise(decay)):
         raise _bad_value(where("learner.lr_decay_steps"), "learner.lr_decay_steps",
                          learner.lr_decay_steps, "strictly ascending training steps")
-    # Image networks need image observations and vice versa.
-    wanted = {"atari": "conv", "gym": "mlp"}[cfg.env.kind]
-    if cfg.model.kind != wanted:
+    # Atari frames are images; a 'gym' env's observations are checked once it is made.
+    if cfg.env.kind == "atari" and cfg.model.kind == "mlp":
         raise _bad_value(where("model.kind"), "model.kind", cfg.model.kind,
-                         f"{wanted!r} for env.kind {cfg.env.kind!r} "
+                         f"'conv' or 'auto' for env.kind 'atari' "
                          f"(env.kind from {where('env.kind')})")
 
 

@@ -254,8 +254,22 @@ def _make_atari(cfg: EnvConfig, seed: int, train: bool) -> gymnasium.Env:
     return EpisodicLife(env) if (train and cfg.episodic_life) else GameOverInfo(env)
 
 
+def _register_minatar() -> None:
+    """MinAtar's ids (``MinAtar/Breakout-v1``, ...) exist only once the package registers
+    them; gymnasium 1.x does not load its entry point by itself."""
+    try:
+        import minatar.gym
+    except ImportError:
+        raise ValueError("MinAtar environments need the minatar package: "
+                         "pip install 'ezengine[minatar]'") from None
+    if "MinAtar/Breakout-v1" not in gymnasium.registry:
+        minatar.gym.register_envs()
+
+
 def _gym_make(env_id: str, **kwargs: Any) -> gymnasium.Env:
     """gymnasium.make with an unknown or unsuitable id reported as one ValueError line."""
+    if env_id.startswith("MinAtar/"):
+        _register_minatar()
     try:
         return gymnasium.make(env_id, **kwargs)
     except gymnasium.error.Error as exc:
@@ -266,18 +280,53 @@ def _gym_make(env_id: str, **kwargs: Any) -> gymnasium.Env:
                          f"right?") from None
 
 
-def _make_gym(cfg: EnvConfig, train: bool) -> gymnasium.Env:
-    env = _gym_make(cfg.id)
+def image_layout(shape: tuple[int, ...], layout: str) -> str:
+    """'hwc' or 'chw' for an image observation of `shape` under env.image_layout: 'auto'
+    takes gymnasium's usual HWC unless the first axis is the smallest (CHW, as (3, 84, 84))."""
+    if layout != "auto":
+        return layout
+    return "chw" if shape[0] < min(shape[1], shape[2]) else "hwc"
+
+
+class _ImageObservation(gymnasium.ObservationWrapper):
+    """Image observations as one CHW frame: uint8 kept, bool as 0/255 uint8 (the model
+    scales uint8 by 1/255), any other dtype as float32."""
+
+    def __init__(self, env: gymnasium.Env, layout: str) -> None:
+        super().__init__(env)
+        box = env.observation_space
+        self.hwc = image_layout(box.shape, layout) == "hwc"
+        h_w_c = box.shape if self.hwc else (box.shape[1], box.shape[2], box.shape[0])
+        shape = (h_w_c[2], h_w_c[0], h_w_c[1])
+        if box.dtype == np.uint8 or box.dtype == np.bool_:
+            self.dtype = np.dtype(np.uint8)
+            self.observation_space = spaces.Box(0, 255, shape, np.uint8)
+        else:
+            self.dtype = np.dtype(np.float32)
+            self.observation_space = spaces.Box(-np.inf, np.inf, shape, np.float32)
+        self.scale = 255 if box.dtype == np.bool_ else 1
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        obs = np.asarray(observation)
+        if self.hwc:
+            obs = obs.transpose(2, 0, 1)
+        return np.ascontiguousarray(obs * self.scale if self.scale != 1 else obs,
+                                    dtype=self.dtype)
+
+
+def _make_gym(cfg: EnvConfig, train: bool, render_mode: str | None) -> gymnasium.Env:
+    env = _gym_make(cfg.id, **({"render_mode": render_mode} if render_mode else {}))
     act, obs = env.action_space, env.observation_space
     problem = None
     if not isinstance(act, spaces.Discrete):
         problem = f"Discrete actions, got action space {act}"
-    elif not (isinstance(obs, spaces.Box) and len(obs.shape) == 1):
-        problem = f"1-D Box observations, got observation space {obs}"
+    elif not (isinstance(obs, spaces.Box) and len(obs.shape) in (1, 3)):
+        problem = f"Box observations (vectors or images), got observation space {obs}"
     if problem is not None:
         env.close()
         raise ValueError(f"env {cfg.id!r}: env.kind 'gym' needs {problem}")
-    env = _Float32Observation(env)
+    env = _Float32Observation(env) if len(obs.shape) == 1 else _ImageObservation(
+        env, cfg.image_layout)
     # Gymnasium's own TimeLimit (500 for CartPole-v1) stays underneath this cap.
     cap = cfg.max_episode_steps if train else cfg.eval_max_episode_steps
     if cap > 0:
@@ -285,21 +334,25 @@ def _make_gym(cfg: EnvConfig, train: bool) -> gymnasium.Env:
     return GameOverInfo(env)
 
 
-def make_env(cfg: EnvConfig, *, seed: int, train: bool) -> gymnasium.Env:
+def make_env(cfg: EnvConfig, *, seed: int, train: bool, render_mode: str | None = None
+             ) -> gymnasium.Env:
     """Make one environment with single-frame observations and raw rewards.
 
     - ``kind="atari"``: uint8 [3, frame_size, frame_size] observations (CHW RGB), the
       paper's preprocessing; episodic life only when ``train`` and ``cfg.episodic_life``.
-    - ``kind="gym"``: float32 [D] observations; Discrete actions required.
+    - ``kind="gym"``: float32 [D] vector observations, or image observations as one CHW
+      frame (uint8 for uint8 and bool images, float32 otherwise); Discrete actions
+      required.
 
     The step cap is ``cfg.max_episode_steps`` when ``train`` else
     ``cfg.eval_max_episode_steps`` (0 = none). The env is seeded with ``seed`` on its first
     ``reset()`` (its action space right away). ``info["game_over"]`` is set on every step.
+    ``render_mode`` is passed to a 'gym' environment (``play`` asks for "rgb_array").
     """
     if cfg.kind == "atari":
         env = _make_atari(cfg, seed, train)
     elif cfg.kind == "gym":
-        env = _make_gym(cfg, train)
+        env = _make_gym(cfg, train, render_mode)
     else:
         raise ValueError(f"env.kind must be 'atari' or 'gym', got {cfg.kind!r}")
     env.action_space.seed(seed)

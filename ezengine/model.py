@@ -139,10 +139,18 @@ class ValuePrefixHead(nn.Module):
 
 
 class ConvRepresentation(nn.Module):
-    """[B, C*stack, H, W] uint8 (or float already in [0, 1]) -> [B, channels, H/16, W/16]."""
+    """[B, C*stack, H, W] uint8 (or float already in [0, 1]) -> [B, channels, H/16, W/16]
+    (the Atari body), or [B, channels, H, W] with ``small`` (frames like MinAtar's 10x10,
+    which 16x downsampling would leave a pixel of): a stem conv and `blocks` ResBlocks."""
 
-    def __init__(self, in_ch: int, channels: int) -> None:
+    def __init__(self, in_ch: int, channels: int, small: bool = False, blocks: int = 2
+                 ) -> None:
         super().__init__()
+        if small:
+            self.stem = nn.Sequential(_conv3x3(in_ch, channels), nn.BatchNorm2d(channels),
+                                      nn.ReLU())
+            self.body = nn.Sequential(*[ResBlock(channels) for _ in range(blocks)])
+            return
         half = channels // 2
         self.stem = nn.Sequential(_conv3x3(in_ch, half, stride=2), nn.BatchNorm2d(half), nn.ReLU())
         self.body = nn.Sequential(
@@ -375,13 +383,29 @@ def use_layer_norm(module: nn.Module) -> None:
             use_layer_norm(child)
 
 
+def model_kind(kind: str, observation_shape: tuple[int, ...]) -> str:
+    """'conv' or 'mlp': model.kind, with 'auto' following the observations (images: conv)."""
+    if kind != "auto":
+        return kind
+    return "conv" if len(observation_shape) == 3 else "mlp"
+
+
+def conv_body(body: str, observation_shape: tuple[int, ...]) -> str:
+    """'atari' or 'small': model.conv_body, with 'auto' taking 'small' up to 32x32 frames."""
+    if body != "auto":
+        return body
+    return "small" if max(observation_shape[1:]) <= 32 else "atari"
+
+
 def build_model(cfg: Any, observation_shape: tuple[int, ...], num_actions: int,
                 frame_stack: int) -> EfficientZeroNet:
-    """Build the network described by a ``ModelConfig`` (``cfg.kind`` "conv" or "mlp").
+    """Build the network described by a ``ModelConfig`` (``cfg.kind`` "conv", "mlp", or
+    "auto": conv for (C, H, W) frames, mlp for (D,) vectors).
 
     conv: ``observation_shape`` is one frame (C, H, W); the model takes
     [B, C*frame_stack, H, W] uint8 (scaled by 1/255 inside) or float already in [0, 1].
-    The latent is [B, channels, ceil(H/16), ceil(W/16)] (64x6x6 for 96x96 frames).
+    The latent is [B, channels, ceil(H/16), ceil(W/16)] (64x6x6 for 96x96 frames) with the
+    'atari' body, [B, channels, H, W] with the 'small' one.
 
     mlp: ``observation_shape`` is (D,); the model takes [B, D*frame_stack] float32 and the
     latent is [B, latent_dim] in [0, 1] (min-max normalised per sample in both
@@ -392,22 +416,28 @@ def build_model(cfg: Any, observation_shape: tuple[int, ...], num_actions: int,
     """
     head_hidden = list(cfg.head_hidden)
     s = int(cfg.support_size)
-    if cfg.kind == "conv":
+    kind = model_kind(cfg.kind, observation_shape)
+    if kind == "conv":
         if len(observation_shape) != 3:
-            raise ValueError(f"conv model needs a (C, H, W) frame shape, got {observation_shape}")
+            raise ValueError(f"model.kind 'conv' needs image observations, got observations "
+                             f"of shape {observation_shape}; use model.kind 'mlp' or 'auto'")
         c, h, w = observation_shape
-        for _ in range(4):  # stem conv, strided ResBlock, two average pools
-            h, w = _down(h), _down(w)
+        small = conv_body(cfg.conv_body, observation_shape) == "small"
+        if not small:
+            for _ in range(4):  # stem conv, strided ResBlock, two average pools
+                h, w = _down(h), _down(w)
         spatial = h * w
-        representation: nn.Module = ConvRepresentation(c * frame_stack, cfg.channels)
+        representation: nn.Module = ConvRepresentation(c * frame_stack, cfg.channels, small,
+                                                        cfg.blocks)
         dynamics: nn.Module = ConvDynamics(cfg.channels, cfg.reduced_channels, spatial,
                                            num_actions, cfg.lstm_hidden, head_hidden, s)
         prediction: nn.Module = ConvPrediction(cfg.channels, cfg.reduced_channels, spatial,
                                                num_actions, head_hidden, s)
         flat = cfg.channels * spatial
-    elif cfg.kind == "mlp":
+    elif kind == "mlp":
         if len(observation_shape) != 1:
-            raise ValueError(f"mlp model needs a (D,) observation shape, got {observation_shape}")
+            raise ValueError(f"model.kind 'mlp' needs vector observations, got observations "
+                             f"of shape {observation_shape}; use model.kind 'conv' or 'auto'")
         in_dim = math.prod(observation_shape) * frame_stack
         representation = MLPRepresentation(in_dim, cfg.hidden_dim, cfg.latent_dim)
         dynamics = MLPDynamics(cfg.latent_dim, cfg.hidden_dim, num_actions, cfg.lstm_hidden,

@@ -4,9 +4,9 @@ Frames shown or recorded are the game as a person sees it, with a strip above it
 the score, the agent step and the search's root value:
 
 - Atari: the raw 210x160 ALE screen (``ale.getScreenRGB()``), scaled up 3x.
-- Other gymnasium tasks: ``env.render()`` of an env made with ``render_mode="rgb_array"``;
-  where that cannot render (CartPole needs pygame, which ezengine does not depend on) a
-  panel drawing the observation vector as bars.
+- Other gymnasium tasks: ``env.render()`` of an env made with ``render_mode="rgb_array"``
+  (CartPole through pygame, MinAtar's 10x10 boards upscaled); where that cannot render, the
+  observation itself: an image observation with one colour per channel, a vector as bars.
 
 Videos are MP4 (MPEG-4, written frame by frame through OpenCV's bundled FFmpeg) or, when
 that writer cannot open or the path ends in .gif, GIF through imageio/Pillow (kept in
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import gymnasium
 import numpy as np
 
 from ezengine.agent import Agent
@@ -158,19 +157,29 @@ def _vector_panel(obs: np.ndarray, size: tuple[int, int] = (240, 480)) -> np.nda
     return panel
 
 
+def _image_panel(obs: np.ndarray) -> np.ndarray:
+    """A picture of a CHW image observation: RGB as it is, other channel counts with one
+    colour per channel (the brightest channel wins where several are on)."""
+    frame = np.asarray(obs, dtype=np.float32)
+    frame = frame / 255.0 if obs.dtype == np.uint8 else frame
+    if frame.shape[0] == 3:
+        return (np.clip(frame.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
+    hues = np.linspace(0, 179, frame.shape[0], endpoint=False).astype(np.uint8)
+    palette = cv2.cvtColor(np.stack([hues, np.full_like(hues, 200), np.full_like(hues, 255)],
+                                    axis=-1)[None], cv2.COLOR_HSV2RGB)[0]
+    strongest = frame.argmax(axis=0)
+    lit = frame.max(axis=0, keepdims=True).transpose(1, 2, 0)
+    return (palette[strongest] * np.clip(lit, 0, 1)).astype(np.uint8)
+
+
 class _Game:
     """One evaluation-settings environment plus a way to picture its current state."""
 
     def __init__(self, agent: Agent, seed: int) -> None:
         cfg = agent.config.env
         self.atari = cfg.kind == "atari"
-        if self.atari:
-            self.env = make_env(cfg, seed=seed, train=False)
-        else:
-            # make_env's gym envs cannot render, so this one is made here with a renderer;
-            # observations are cast to float32 as make_env does, the cap applied by play().
-            self.env = gymnasium.make(cfg.id, render_mode="rgb_array")
-            self.env.action_space.seed(seed)
+        self.env = make_env(cfg, seed=seed, train=False,
+                            render_mode=None if self.atari else "rgb_array")
         self.seed = seed
         self._can_render = not self.atari
 
@@ -183,7 +192,7 @@ class _Game:
         return self._obs(obs), float(reward), bool(terminated or truncated)
 
     def _obs(self, obs: Any) -> np.ndarray:
-        return obs if self.atari else np.asarray(obs, dtype=np.float32)
+        return np.asarray(obs)
 
     def picture(self, obs: np.ndarray) -> np.ndarray:
         """RGB uint8 [H, W, 3] of the current state."""
@@ -193,11 +202,13 @@ class _Game:
             try:
                 frame = self.env.render()
                 if isinstance(frame, np.ndarray) and frame.ndim == 3:
+                    if frame.dtype != np.uint8:  # MinAtar: float RGB in [0, 1]
+                        frame = (np.clip(frame, 0.0, 1.0) * 255).astype(np.uint8)
                     return frame
             except Exception:  # e.g. gymnasium's DependencyNotInstalled (no pygame)
                 pass
             self._can_render = False
-        return _vector_panel(obs)
+        return _image_panel(obs) if obs.ndim == 3 else _vector_panel(obs)
 
     def close(self) -> None:
         self.env.close()

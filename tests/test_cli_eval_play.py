@@ -119,6 +119,28 @@ def test_play_render_without_display_writes_video(run: Path) -> None:
     ok, frame = cap.read()
     cap.release()
     assert ok and frame.shape[1] >= 480
+    # The game itself (gymnasium's CartPole picture: a light background), not bars of the
+    # observation on a dark panel.
+    assert frame[60:].mean() > 150
+
+
+def test_play_shows_an_untrained_minatar_agent_on_the_board(tmp_path: Path) -> None:
+    pytest.importorskip("minatar")
+    cfg = load_config(REPO / "configs" / "minatar" / "breakout.yaml", [
+        "search.num_simulations=2", "model.channels=8", "model.lstm_hidden=16"])
+    net = build_model(cfg.model, (4, 10, 10), 3, cfg.env.frame_stack)
+    ckpt = tmp_path / "breakout" / "checkpoints" / "latest.pt"
+    save_checkpoint({"learner": {"model": net.state_dict(), "steps": 0}, "env_steps": 0,
+                     "config": config_to_dict(cfg)}, ckpt)
+    proc = ez(*CLI, "play", str(ckpt), "--render", "--max-steps", "5")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("video: "))
+    cap = cv2.VideoCapture(line.removeprefix("video: "))
+    ok, frame = cap.read()
+    cap.release()
+    # MinAtar's own 10x10 RGB board, upscaled: coloured cells on black.
+    board = frame[60:]
+    assert ok and frame.shape[1] >= 480
+    assert (board.max(axis=2) > 100).mean() > 0.02 and (board.max(axis=2) < 30).mean() > 0.5
 
 
 def test_play_without_runs_explains(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from ezengine.config import (
     save_config,
     validate_config,
 )
+from ezengine.model import conv_body, model_kind
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def test_defaults_are_the_papers_atari_settings() -> None:
     assert c.env.episodic_life and c.env.clip_rewards
     assert (c.env.max_episode_steps, c.env.eval_max_episode_steps) == (3000, 27000)
 
-    assert (c.model.kind, c.model.channels, c.model.reduced_channels) == ("conv", 64, 16)
+    assert (c.model.kind, c.model.channels, c.model.reduced_channels) == ("auto", 64, 16)
     assert (c.model.latent_dim, c.model.hidden_dim, c.model.lstm_hidden) == (64, 128, 512)
     assert c.model.head_hidden == (32,) and c.model.support_size == 300
     assert (c.model.projection_hidden, c.model.projection_dim,
@@ -113,10 +114,11 @@ def test_every_field_has_help() -> None:
 
 def test_repo_configs_load() -> None:
     base = load_config(REPO / "configs" / "atari100k.yaml")
-    assert base == Config()
+    assert base == Config().replace(model={"kind": "conv"})  # the file pins the kind
     pac = load_config(REPO / "configs" / "ms_pacman.yaml")
     assert pac.env.id == "ALE/MsPacman-v5" and pac.env.kind == "atari"
-    assert pac.model.kind == "conv"
+    assert model_kind(pac.model.kind, (3, 96, 96)) == "conv"
+    assert conv_body(pac.model.conv_body, (3, 96, 96)) == "atari"
 
 
 # --- extends and overrides ----------------------------------------------------------------
@@ -206,7 +208,7 @@ def test_gym_config(tmp_path: Path) -> None:
          "[0, 1]"),
         ("env:\n  kind: mujoco\n", "env.kind", "'mujoco'", "'atari', 'gym'"),
         ("env:\n  id: 5\n", "env.id", "5", "str"),
-        ("model:\n  kind: transformer\n", "model.kind", "'transformer'", "'conv', 'mlp'"),
+        ("model:\n  kind: transformer\n", "model.kind", "'transformer'", "'auto', 'conv', 'mlp'"),
         ("model:\n  head_hidden: [32, x]\n", "model.head_hidden", "[32, 'x']",
          "list of int"),
         ("model:\n  head_hidden: 32\n", "model.head_hidden", "32", "list of int"),
@@ -219,7 +221,7 @@ def test_gym_config(tmp_path: Path) -> None:
          "[0.5, 1.5]", "[0, 1]"),
         ("learner:\n  lr_decay_steps: [200, 100]\n", "learner.lr_decay_steps", "[200, 100]",
          "ascending"),
-        ("env:\n  kind: gym\n", "model.kind", "'conv'", "'mlp' for env.kind 'gym'"),
+        ("model:\n  kind: mlp\n", "model.kind", "'mlp'", "'conv' or 'auto' for env.kind 'atari'"),
     ],
 )
 def test_bad_values_name_file_key_value_and_expectation(

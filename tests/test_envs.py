@@ -11,11 +11,14 @@ import pytest
 
 from ezengine.config import EnvConfig
 from ezengine.envs import (
+    EnvDescription,
     EpisodicLife,
     MaxAndSkip,
     NoopReset,
     VectorEnv,
     clip_reward,
+    describe_env,
+    image_layout,
     make_env,
 )
 
@@ -244,7 +247,7 @@ def test_atari_vector_env_scores_whole_games() -> None:
 def test_gym_kind_checks_spaces() -> None:
     with pytest.raises(ValueError, match=r"'Pendulum-v1'.*Discrete actions"):
         make_env(EnvConfig(id="Pendulum-v1", kind="gym"), seed=0, train=True)
-    with pytest.raises(ValueError, match=r"'FrozenLake-v1'.*1-D Box observations"):
+    with pytest.raises(ValueError, match=r"'FrozenLake-v1'.*Box observations \(vectors or images"):
         make_env(EnvConfig(id="FrozenLake-v1", kind="gym"), seed=0, train=True)
 
 
@@ -312,3 +315,27 @@ def test_vector_env_rejects_bad_actions() -> None:
         vec.step(np.array([0.0, 1.0]))
     vec.step([0, 1])  # plain lists are fine
     vec.close()
+
+
+def test_minatar_frames_come_as_chw_uint8_through_the_real_package() -> None:
+    pytest.importorskip("minatar")
+    cfg = EnvConfig(id="MinAtar/Breakout-v1", kind="gym", max_episode_steps=0,
+                    eval_max_episode_steps=0, episodic_life=False, clip_rewards=False)
+    env = make_env(cfg, seed=3, train=True)
+    obs, _ = env.reset()
+    # MinAtar's bool (10, 10, 4) HWC frame, as 4 x 10 x 10 uint8 with True at 255.
+    assert obs.shape == (4, 10, 10) and obs.dtype == np.uint8
+    assert set(np.unique(obs)) <= {0, 255} and obs.any()
+    raw = env.unwrapped.game.state()  # MinAtar's own HWC bool state
+    np.testing.assert_array_equal(obs, raw.transpose(2, 0, 1).astype(np.uint8) * 255)
+    assert env.action_space.n == 3  # the -v1 ids use the minimal action set
+    env.close()
+    assert describe_env(cfg) == EnvDescription((4, 10, 10), np.dtype(np.uint8).str, 3)
+
+
+@pytest.mark.parametrize("shape, layout, expected", [
+    ((10, 10, 4), "auto", "hwc"), ((84, 84, 3), "auto", "hwc"), ((3, 84, 84), "auto", "chw"),
+    ((10, 10, 10), "auto", "hwc"), ((4, 10, 10), "hwc", "hwc"), ((10, 10, 4), "chw", "chw"),
+])
+def test_image_layout_of_gym_observations(shape, layout, expected) -> None:
+    assert image_layout(shape, layout) == expected

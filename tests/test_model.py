@@ -15,7 +15,7 @@ from ezengine.model import EfficientZeroNet, InitialOutput, RecurrentOutput, bui
 MODEL_FIELDS = (
     "kind", "channels", "reduced_channels", "latent_dim", "hidden_dim", "lstm_hidden",
     "head_hidden", "support_size", "projection_hidden", "projection_dim",
-    "projection_head_hidden",
+    "projection_head_hidden", "norm", "conv_body", "blocks",
 )
 
 
@@ -25,7 +25,7 @@ def _cfg(**overrides: object) -> SimpleNamespace:
         "kind": "conv", "channels": 64, "reduced_channels": 16, "latent_dim": 64,
         "hidden_dim": 128, "lstm_hidden": 512, "head_hidden": [32], "support_size": 300,
         "projection_hidden": 1024, "projection_dim": 1024, "projection_head_hidden": 512,
-        "norm": "batch",
+        "norm": "batch", "conv_body": "auto", "blocks": 2,
     }
     base.update(overrides)
     return SimpleNamespace(**base)
@@ -319,3 +319,18 @@ def test_layer_norm_option_removes_every_batchnorm1d_and_train_eval_agree() -> N
         outputs.append(step.value_prefix_logits)
     # No batch statistics: the search (eval mode) sees what training (train mode) saw.
     torch.testing.assert_close(outputs[0], outputs[1])
+
+
+def test_the_small_conv_body_keeps_minatar_frames_at_full_resolution() -> None:
+    # MinAtar Breakout: 4 bool channels of 10x10, 3 actions. The Atari body would
+    # downsample to 1x1; the small one keeps 10x10.
+    torch.manual_seed(0)
+    net = build_model(_cfg(kind="auto", channels=16, lstm_hidden=32, support_size=10,
+                           projection_hidden=32, projection_dim=32, projection_head_hidden=16),
+                      (4, 10, 10), num_actions=3, frame_stack=2).eval()
+    out = net.initial_inference(torch.randint(0, 2, (5, 8, 10, 10), dtype=torch.uint8) * 255)
+    assert out.latent.shape == (5, 16, 10, 10)
+    assert out.policy_logits.shape == (5, 3) and out.value_logits.shape == (5, 21)
+    atari = build_model(_cfg(conv_body="atari", lstm_hidden=32, support_size=10), (4, 10, 10),
+                        num_actions=3, frame_stack=2).eval()
+    assert atari.initial_inference(torch.zeros(1, 8, 10, 10)).latent.shape[-2:] == (1, 1)
