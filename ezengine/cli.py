@@ -188,10 +188,11 @@ _MODEL_HELP = ("Which model of a run directory: 'final' (checkpoints/latest.pt) 
 
 @main.command("eval", short_help="Evaluate a checkpoint, or summarise a suite of runs.")
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
-@click.option("--suite", type=click.Choice(["atari100k"]), default=None,
+@click.option("--suite", type=click.Choice(["atari100k", "minatar"]), default=None,
               help="Report a whole suite instead: TARGET is a runs root; every run's final "
                    "evaluation (last row of its eval.jsonl) is averaged over seeds per game "
-                   "and compared with the paper. Plays no games.")
+                   "and compared with the published figures (Atari 100k: the paper's "
+                   "EfficientZero; MinAtar: DQN at 5M frames). Plays no games.")
 @click.option("--episodes", type=click.IntRange(min=1), default=32, show_default=True,
               help="Evaluation episodes, played in parallel.")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -200,7 +201,7 @@ _MODEL_HELP = ("Which model of a run directory: 'final' (checkpoints/latest.pt) 
               help="Write the JSON record here.")
 @click.option("--out-prefix", type=click.Path(path_type=Path), default=None,
               help="With --suite: write PREFIX.csv and PREFIX.md "
-                   "[default: TARGET/atari100k-suite].")
+                   "[default: TARGET/SUITE-suite].")
 @click.option("--model", "which", type=click.Choice(["final", "best"]), default="final",
               show_default=True, help=_MODEL_HELP)
 @click.option("--max-episode-steps", type=click.IntRange(min=0), default=None,
@@ -224,11 +225,16 @@ def evaluate_command(target: Path, suite: str | None, episodes: int, seed: int,
       ezengine eval runs/cartpole-s0 --episodes 20 --seed 7
       ezengine eval runs/cartpole-s0/checkpoints/latest.pt --out score.json
       ezengine eval runs/ --suite atari100k
+      ezengine eval runs/minatar --suite minatar
     """
     if suite is not None:
         if out is not None:
             raise click.UsageError("--out is for one checkpoint; --suite writes --out-prefix")
-        _suite_report(target, out_prefix or target / f"{suite}-suite")
+        prefix = out_prefix or target / f"{suite}-suite"
+        if suite == "minatar":
+            _minatar_report(target, prefix)
+        else:
+            _suite_report(target, prefix)
         return
     if out_prefix is not None:
         raise click.UsageError("--out-prefix only applies with --suite")
@@ -248,6 +254,24 @@ def evaluate_command(target: Path, suite: str | None, episodes: int, seed: int,
                f"training steps, {record['env_steps']:,} env steps): mean return "
                f"{record['mean_return']:.1f} +- {record['std_return']:.1f} over "
                f"{record['episodes']} episodes{hns}{where}")
+
+
+def _minatar_report(root: Path, prefix: Path) -> None:
+    from ezengine.scores import minatar_report, write_minatar_report
+
+    try:
+        report = minatar_report(root)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for run, why in report.skipped:
+        click.echo(f"skipped {run}: {why}", err=True)
+    for r in report.incomplete:
+        click.echo(f"warning: {r.run_dir} stopped at {r.env_steps:,} of "
+                   f"{r.env_step_budget:,} env steps; using its latest evaluation", err=True)
+    csv_path, md_path = write_minatar_report(report, prefix)
+    agg = report.aggregate
+    click.echo(f"{agg['games']} games, {sum(map(len, report.runs.values()))} runs: "
+               f"{agg['beats_dqn']} beat DQN's 5M-frame return -> {csv_path}, {md_path}")
 
 
 def _suite_report(root: Path, prefix: Path) -> None:

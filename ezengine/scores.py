@@ -1,4 +1,5 @@
-"""Atari 100k reference scores, human-normalised scores (HNS) and suite reports.
+"""Reference scores and suite reports: Atari 100k (human-normalised scores, HNS) and
+MinAtar (beside DQN's published returns).
 
 The table ``ezengine/data/atari100k_scores.csv`` (carried in the package) gives, per game,
 the random and human scores that define HNS = (score - random) / (human - random), and the
@@ -212,10 +213,11 @@ class SuiteReport:
         return [r for runs in self.runs.values() for r in runs if not r.complete]
 
 
-def suite_report(runs_root: str | Path) -> SuiteReport:
-    """Collect the final evaluation of every Atari 100k run under ``runs_root``, grouped by
-    game, and aggregate the per-game means over seeds. Runs that are not Atari 100k games,
-    have no evaluation or an unreadable config are listed in ``skipped``."""
+def collect_runs(runs_root: str | Path, suite: str, game_of: Any) -> SuiteReport:
+    """The final evaluation of every run under ``runs_root`` whose ``env.id`` names a game
+    of `suite` (``game_of(env_id)``: the game's name, or None for another environment),
+    grouped by game. Other runs, runs without an evaluation or with an unreadable config
+    are listed in ``skipped``."""
     root = Path(runs_root)
     if not root.is_dir():
         raise FileNotFoundError(f"no runs directory at {root}")
@@ -226,8 +228,9 @@ def suite_report(runs_root: str | Path) -> SuiteReport:
         except ConfigError as exc:
             report.skipped.append((run, f"unreadable config: {exc}"))
             continue
-        if not is_atari100k(cfg.env.id):
-            report.skipped.append((run, f"{cfg.env.id} is not an Atari 100k game"))
+        game = game_of(cfg.env.id)
+        if game is None:
+            report.skipped.append((run, f"{cfg.env.id} is not in the {suite} suite"))
             continue
         final = final_evaluation(run)
         if final is None:
@@ -236,10 +239,20 @@ def suite_report(runs_root: str | Path) -> SuiteReport:
         result = RunResult(run, cfg.env.id, cfg.run.seed, float(final["mean_return"]),
                            int(final["episodes"]), int(final["train_steps"]),
                            int(final["env_steps"]), cfg.run.env_steps)
-        report.runs.setdefault(game_scores(cfg.env.id).game, []).append(result)
+        report.runs.setdefault(game, []).append(result)
     if not report.runs:
         why = "".join(f"\n  {p}: {reason}" for p, reason in report.skipped)
-        raise FileNotFoundError(f"no evaluated Atari 100k runs under {root}{why}")
+        raise FileNotFoundError(f"no evaluated {suite} runs under {root}{why}")
+    return report
+
+
+def suite_report(runs_root: str | Path) -> SuiteReport:
+    """Collect the final evaluation of every Atari 100k run under ``runs_root``, grouped by
+    game, and aggregate the per-game means over seeds. Runs that are not Atari 100k games,
+    have no evaluation or an unreadable config are listed in ``skipped``."""
+    report = collect_runs(runs_root, "Atari 100k",
+                          lambda env_id: game_scores(env_id).game if is_atari100k(env_id)
+                          else None)
     means = {g: statistics.fmean(r.score for r in runs) for g, runs in report.runs.items()}
     report.aggregate = aggregate_suite(means)
     return report
@@ -294,6 +307,89 @@ def write_suite_report(report: SuiteReport, prefix: str | Path) -> tuple[Path, P
               f"| {r['paper_score']} | {r['paper_hns']} |" for r in rows]
     lines += ["", f"| over {agg['games']} games | ours | paper |", "|---|---:|---:|"]
     lines += [f"| {name} | {ours} | {paper} |" for name, ours, paper in summary]
+    if report.incomplete:
+        lines += ["", "Runs that had not reached their env-step budget (their latest "
+                  "evaluation is used):"]
+        lines += [f"- {r.run_dir} ({r.env_steps:,} of {r.env_step_budget:,} env steps)"
+                  for r in report.incomplete]
+    md_path = prefix.with_name(prefix.name + ".md")
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+# ---------------------------------------------------------------------------------------
+# MinAtar
+
+
+@functools.cache
+def minatar_baselines() -> dict[str, dict[str, float]]:
+    """``ezengine/data/minatar_baselines.csv`` keyed by game ("breakout"): DQN's returns at
+    0.5M, 1M and 5M frames and AC(lambda)'s at 5M read off the MinAtar README's curves,
+    and random play on the -v1 ids."""
+    text = resources.files("ezengine").joinpath("data/minatar_baselines.csv").read_text()
+    rows = csv.DictReader(line for line in io.StringIO(text) if not line.startswith("#"))
+    return {row["game"]: {k: float(v) for k, v in row.items() if k != "game"} for row in rows}
+
+
+def minatar_game(env_id: str) -> str | None:
+    """"breakout" for "MinAtar/Breakout-v1" (None for anything else)."""
+    if not env_id.startswith("MinAtar/"):
+        return None
+    game = re.sub(r"(?<!^)(?=[A-Z])", "_", re.sub(r"-v\d+$", "", env_id.split("/", 1)[1]))
+    return game.lower() if game.lower() in minatar_baselines() else None
+
+
+def minatar_report(runs_root: str | Path) -> SuiteReport:
+    """Every MinAtar run's final evaluation under ``runs_root``, grouped by game; the
+    aggregate counts the games whose mean over seeds beats DQN at 5M frames."""
+    report = collect_runs(runs_root, "MinAtar", minatar_game)
+    rows = []
+    for game, ref in minatar_baselines().items():
+        if game in report.runs:
+            scores = [r.score for r in report.runs[game]]
+            mean = statistics.fmean(scores)
+            rows.append({"game": game, "seeds": len(scores), "score": mean,
+                         "std": statistics.pstdev(scores), "dqn_5m": ref["dqn_5m"],
+                         "random": ref["random_v1"], "beats_dqn": mean > ref["dqn_5m"]})
+    report.aggregate = {"games": len(rows), "beats_dqn": sum(r["beats_dqn"] for r in rows),
+                        "rows": rows}
+    return report
+
+
+def write_minatar_report(report: SuiteReport, prefix: str | Path) -> tuple[Path, Path]:
+    """Write ``PREFIX.csv`` and ``PREFIX.md``: per game the mean +- std over seeds (and
+    each seed's score) beside DQN's published return at 5M frames and random play."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for row in report.aggregate["rows"]:
+        runs = report.runs[row["game"]]
+        rows.append({"game": row["game"], "seeds": ";".join(str(r.seed) for r in runs),
+                     "seed_scores": ";".join(f"{r.score:.2f}" for r in runs),
+                     "score": f"{row['score']:.2f}", "std": f"{row['std']:.2f}",
+                     "dqn_5m": f"{row['dqn_5m']:g}", "random": f"{row['random']:g}",
+                     "beats_dqn": "yes" if row["beats_dqn"] else "no"})
+    csv_path = prefix.with_name(prefix.name + ".csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    agg = report.aggregate
+    lines = [
+        f"# MinAtar: {report.root}",
+        "",
+        "Score: each run's final evaluation (last row of its eval.jsonl), mean +- std over "
+        "the runs (seeds) of a game. DQN at 5M frames and random play: "
+        "ezengine/data/minatar_baselines.csv (read off the MinAtar README's curves; "
+        "approximate).",
+        "",
+        "| game | seeds | score | per seed | DQN (5M frames) | random | beats DQN |",
+        "|---|---|---:|---|---:|---:|---|",
+    ]
+    lines += [f"| {r['game']} | {r['seeds']} | {r['score']} +- {r['std']} | "
+              f"{r['seed_scores'].replace(';', ', ')} | {r['dqn_5m']} | {r['random']} | "
+              f"{r['beats_dqn']} |" for r in rows]
+    lines += ["", f"{agg['beats_dqn']} of {agg['games']} games beat DQN's 5M-frame return."]
     if report.incomplete:
         lines += ["", "Runs that had not reached their env-step budget (their latest "
                   "evaluation is used):"]

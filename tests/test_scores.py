@@ -128,7 +128,8 @@ def test_suite_report_by_hand(suite_root: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["eval", "--suite", "atari100k", str(suite_root),
                                        "--out-prefix", str(prefix)])
     assert result.exit_code == 0, result.output
-    assert "skipped" in result.output and "not an Atari 100k game" in result.output
+    assert "skipped" in result.output
+    assert "CartPole-v1 is not in the Atari 100k suite" in result.output
 
     text = prefix.with_suffix(".csv").read_text()
     rows = {r["game"]: r for r in csv.DictReader(text.splitlines())}
@@ -152,6 +153,31 @@ def test_suite_report_by_hand(suite_root: Path, tmp_path: Path) -> None:
     assert "| Breakout | ALE/Breakout-v5 | 2 | 15.0 | 0.462 | 414.1 | 14.319 |" in md
     assert "| mean HNS | 0.453 | 7.738 |" in md
     assert "| games >= human | 0 | 2 |" in md
+
+
+def test_minatar_suite_by_hand(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    _fake_run(root, "breakout-s0", "minatar/breakout.yaml", 0, [30.0, 12.0])
+    _fake_run(root, "breakout-s1", "minatar/breakout.yaml", 1, [6.0])
+    _fake_run(root, "seaquest-s3", "minatar/seaquest.yaml", 3, [25.5])
+    _fake_run(root, "pong", "pong.yaml", 0, [5.0])  # not MinAtar: skipped
+    prefix = tmp_path / "out" / "minatar"
+    result = CliRunner().invoke(main, ["eval", "--suite", "minatar", str(root),
+                                       "--out-prefix", str(prefix)])
+    assert result.exit_code == 0, result.output
+    assert "ALE/Pong-v5 is not in the MinAtar suite" in result.output
+    assert "2 games, 3 runs: 1 beat DQN" in result.output
+    rows = {r["game"]: r for r in csv.DictReader(prefix.with_suffix(".csv").read_text()
+                                                 .splitlines())}
+    # Breakout: finals 12 and 6 -> 9.0 +- 3.0 (population std), below DQN's 10 at 5M frames.
+    assert rows["breakout"] == {"game": "breakout", "seeds": "0;1", "seed_scores": "12.00;6.00",
+                                "score": "9.00", "std": "3.00", "dqn_5m": "10",
+                                "random": "0.38", "beats_dqn": "no"}
+    # Seaquest: one seed at 25.5 against DQN's 20.
+    assert (rows["seaquest"]["score"], rows["seaquest"]["beats_dqn"]) == ("25.50", "yes")
+    md = prefix.with_suffix(".md").read_text()
+    assert "| breakout | 0;1 | 9.00 +- 3.00 | 12.00, 6.00 | 10 | 0.38 | no |" in md
+    assert "1 of 2 games beat DQN's 5M-frame return." in md
 
 
 def test_suite_report_without_runs(tmp_path: Path) -> None:
