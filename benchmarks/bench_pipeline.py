@@ -3,8 +3,12 @@ Ctrl-C (SIGINT), and prints one JSON line per config with environment steps/s, t
 steps/s and the fraction of time the learner waited for data, measured after warm-up
 (from the first progress row with training steps to the last).
 
-    python benchmarks/bench_pipeline.py [--seconds 120] [--serial] [--only cartpole|atari]
+    python benchmarks/bench_pipeline.py [--seconds 120] [--serial]
+                                        [--only cartpole|atari|minatar]
                                         [--set section.key=value ...]
+
+Pipeline runs also print `cores_by_role`: the cores each role (all collectors together,
+reanalyse, learner, evaluator) kept busy, from the CPU seconds the roles count.
 
 `--set` applies to every run, for example `--set run.collector_inference=learner` to measure
 the collectors' searches answered by the model owner instead of run on CPU weight copies.
@@ -30,7 +34,10 @@ RUNS = {
     "cartpole": ["configs/cartpole.yaml", "--set", "run.eval_interval=1000000"],
     "atari": ["configs/ms_pacman.yaml", "--set", "run.eval_interval=1000000",
               "--set", "run.start_transitions=400"],
+    "minatar": ["configs/minatar/breakout.yaml", "--set", "run.eval_interval=1000000",
+                "--set", "run.start_transitions=1000"],
 }
+ROLES = ("collector", "reanalyse", "learner", "evaluator")
 ATARI_CPU = ["learner.batch_size=32", "search.num_simulations=8", "env.num_envs=4"]
 
 
@@ -57,6 +64,11 @@ def run_for(args: list[str], seconds: float, run_dir: Path) -> dict:
     waits = [r["learner_wait_fraction"] for r in trained[1:] if "learner_wait_fraction" in r]
     if waits:
         result["learner_wait_fraction"] = round(sum(waits) / len(waits), 3)
+    # Where the CPU time goes: the cores each role kept busy, averaged over the rows.
+    cores = {role: [r[f"cores_{role}"] for r in trained[1:] if f"cores_{role}" in r]
+             for role in ROLES}
+    if all(cores.values()):
+        result["cores_by_role"] = {role: round(sum(v) / len(v), 2) for role, v in cores.items()}
     return result
 
 

@@ -14,6 +14,7 @@ from ezengine.pipeline.transition_log import (
     log_path,
 )
 from ezengine.pipeline.transport import (
+    CpuClock,
     Timeout,
     Transport,
     wait_for_training,
@@ -58,7 +59,9 @@ def run_collector(spec: PipelineSpec, index: int, transport: Transport) -> None:
     loaded: int | None = None
     c = spec.num_collectors
     share, warmup_share = collector_budget(cfg, c)
+    clock = CpuClock(counters, "collector")
     while not counters["stop"] and collector.env_steps < share:
+        clock.tick()
         # The replay's size when this record enters it fixes the temperature and, after the
         # warm-up, the weights that act (recipe.py's timetable); waiting for those weights
         # is what keeps collection at the replay ratio.

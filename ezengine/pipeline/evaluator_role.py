@@ -9,7 +9,7 @@ from pathlib import Path
 from ezengine.evaluate import evaluate
 from ezengine.metrics import MetricsWriter
 from ezengine.pipeline.spec import PipelineSpec
-from ezengine.pipeline.transport import Transport
+from ezengine.pipeline.transport import CpuClock, Transport
 from ezengine.recipe import (
     build_network,
     evaluation_seed,
@@ -24,7 +24,9 @@ def run_evaluator(spec: PipelineSpec, transport: Transport) -> None:
     loaded: int | None = None
     start = time.perf_counter()
     metrics = MetricsWriter(Path(spec.run_dir))
+    clock = CpuClock(counters, "evaluator")
     while not counters["stop"]:
+        clock.tick()
         learner_done = counters["learner_done"]  # read before the weights: no lost final eval
         steps = transport.load("eval", model, 0, loaded)  # published under its training step
         if steps == loaded:

@@ -18,6 +18,7 @@ from ezengine.pipeline.replay_role import ReplayWorker
 from ezengine.pipeline.spec import PipelineSpec
 from ezengine.pipeline.transport import (
     POLL_S,
+    CpuClock,
     Timeout,
     Transport,
 )
@@ -144,7 +145,9 @@ def run_learner(spec: PipelineSpec, transport: Transport) -> None:
     counters["target_version"] = learner.target_version
     run = cfg.run
     total_train = total_training_steps(cfg)
+    clock = CpuClock(counters, "learner")  # with reanalysis inside, its CPU counts here
     while learner.steps < total_train and not counters["stop"]:
+        clock.tick()
         if server is None:
             batch = source.next(timeout=0.5)
         else:  # between training steps, and while no batch is ready, answer searches

@@ -25,6 +25,7 @@ from ezengine.pipeline.transition_log import (
 from ezengine.pipeline.transport import (
     POLL_S,
     Closed,
+    CpuClock,
     Timeout,
     Transport,
     wait_for_training,
@@ -202,7 +203,9 @@ def run_reanalyse(spec: PipelineSpec, transport: Transport) -> None:
     """Own the replay: store transitions, apply priorities, build training batches."""
     worker = ReplayWorker(spec, spec.cfg(), transport)
     counters = transport.counters
+    clock = CpuClock(counters, "reanalyse")
     while not counters["stop"] and not counters["learner_done"]:
+        clock.tick()
         batch = worker.next_batch(timeout=0.5)
         if batch is None:
             continue

@@ -25,7 +25,11 @@ INT_COUNTERS = ("stop", "replay_env_steps", "replay_positions", "train_steps",
 # trainer's rows do.
 METRIC_SUMS = tuple(f"{name}_sum" for name in METRICS)
 
-FLOAT_COUNTERS = ("recent_return", "learner_wait_s", *METRIC_SUMS)
+# CPU seconds each role has used (all collectors together): the progress rows show how the
+# machine's cores are split between collection, reanalysis, learning and evaluation.
+ROLES = ("collector", "reanalyse", "learner", "evaluator")
+CPU_COUNTERS = tuple(f"cpu_{role}_s" for role in ROLES)
+FLOAT_COUNTERS = ("recent_return", "learner_wait_s", *METRIC_SUMS, *CPU_COUNTERS)
 
 
 # Slots per ring: transitions (per collector; a full ring blocks its collector), batches

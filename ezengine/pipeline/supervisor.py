@@ -29,6 +29,7 @@ from ezengine.pipeline.spec import (
     FLOAT_COUNTERS,
     INT_COUNTERS,
     RING_SLOTS,
+    ROLES,
     PipelineSpec,
 )
 from ezengine.pipeline.transition_log import TransitionLog, log_path
@@ -307,6 +308,9 @@ class PipelineTrainer:
                "env_steps_per_s": round(env_rate, 2), "train_steps_per_s": round(train_rate, 2),
                "learner_wait_fraction": round(min(waited, 1.0), 3),
                **{f"ring_fill_{k}": fills[k] / slots[k] for k in fills},
+               # Cores each role kept busy over the window (time.process_time).
+               **{f"cores_{role}": round((snap[f"cpu_{role}_s"] - before[f"cpu_{role}_s"])
+                                         / max(seconds, 1e-9), 2) for role in ROLES},
                "recent_return": snap["recent_return"] if snap["games"] else None,
                "target_version": snap["target_version"],
                "replay_positions": snap["replay_positions"],
@@ -314,4 +318,6 @@ class PipelineTrainer:
         self.metrics.progress(row)
         self.echo(progress_line(
             self.cfg, row, self.eta,
-            extra=f"learner waits {100 * row['learner_wait_fraction']:.0f}% | rings {snap_fill}"))
+            extra=f"learner waits {100 * row['learner_wait_fraction']:.0f}% | rings {snap_fill} | "
+                  "cores " + "/".join(f"{row[f'cores_{r}']:.1f}" for r in ROLES)
+                  + " (collect/reanalyse/learn/eval)"))

@@ -19,7 +19,7 @@ from ezengine.search import SearchResult
 
 POLL_S = 0.001
 
-__all__ = ["POLL_S", "Closed", "Counters", "Stopped", "Timeout", "Transport",
+__all__ = ["POLL_S", "Closed", "Counters", "CpuClock", "Stopped", "Timeout", "Transport",
            "retry_until_stopped", "wait_for_training"]
 
 
@@ -90,6 +90,20 @@ class Transport(Protocol):
     def serve_searches(self, run: Callable[[int, np.ndarray], SearchResult]) -> bool:
         """Answer each waiting request with run(collector, obs); whether there was any."""
         ...
+
+
+class CpuClock:
+    """Adds the CPU seconds this process used since the last tick to ``cpu_<role>_s``."""
+
+    def __init__(self, counters: Counters, role: str) -> None:
+        self.counters = counters
+        self.name = f"cpu_{role}_s"
+        self.last = time.process_time()
+
+    def tick(self) -> None:
+        now = time.process_time()
+        self.counters.add(self.name, now - self.last)
+        self.last = now
 
 
 def wait_for_training(counters: Counters, step: int) -> None:
