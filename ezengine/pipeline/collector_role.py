@@ -1,5 +1,6 @@
 """The collector role: steps its environments with the self-play weights the timetable
-names (or the model owner's searches), logs and sends every transition record."""
+names (or the model owner's searches) and sends every transition record (the transport
+logs it first)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,11 @@ import numpy as np
 
 from ezengine.collector import Collector
 from ezengine.envs import VectorEnv
-from ezengine.pipeline.layouts import transition_layout
 from ezengine.pipeline.spec import PipelineSpec
-from ezengine.pipeline.transition_log import (
-    TransitionLog,
-    log_path,
-)
 from ezengine.pipeline.transport import (
     CpuClock,
     Timeout,
     Transport,
-    wait_for_training,
 )
 from ezengine.recipe import (
     build_network,
@@ -45,8 +40,7 @@ def run_collector(spec: PipelineSpec, index: int, transport: Transport) -> None:
     """Step this collector's environments; log and send every transition record."""
     cfg = spec.cfg()
     counters = transport.counters
-    log = TransitionLog(log_path(spec.run_dir, index), transition_layout(cfg, spec.env))
-    start_steps = log.last_env_steps()
+    start_steps = transport.logged_env_steps(index)
     n = cfg.env.num_envs
     seed = collector_seed(cfg, index, start_steps)
     envs = VectorEnv(cfg.env, seed=seed, train=True)
@@ -69,14 +63,13 @@ def run_collector(spec: PipelineSpec, index: int, transport: Transport) -> None:
         warmup = collector.env_steps < warmup_share
         if not warmup and remote is None:
             step = selfplay_weights_step(cfg, replay_steps)
-            wait_for_training(counters, step)
+            transport.wait_for_training(step)
             loaded = transport.load("selfplay", model, step, loaded)
         temperature = visit_temperature(cfg, replay_steps)
         policy = None if warmup else (remote or model)
         try:
             with transport.record_slot(index, timeout=1.0) as slot:
                 collector.step(policy, temperature, out=slot)
-                log.append(slot)
         except Timeout:
             continue
     envs.close()

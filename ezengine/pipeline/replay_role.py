@@ -28,7 +28,6 @@ from ezengine.pipeline.transport import (
     CpuClock,
     Timeout,
     Transport,
-    wait_for_training,
 )
 from ezengine.reanalyse import Reanalyser
 from ezengine.recipe import (
@@ -184,7 +183,7 @@ class ReplayWorker:
     def build(self) -> TrainingBatch:
         """The next batch, with the target weights of its lead step (waited for)."""
         step = max(self.owner.lead_step, 0)
-        wait_for_training(self.counters, step)
+        self.transport.wait_for_training(step)
         self.target_step = self.transport.load("target", self.target, step, self.target_step)
         return self.owner.build(self.target, self.target_step or 0)
 

@@ -11,8 +11,15 @@ import numpy as np
 import torch
 
 from ezengine.batch import TrainingBatch
+from ezengine.pipeline.layouts import transition_layout
 from ezengine.pipeline.spec import PipelineSpec
-from ezengine.pipeline.transport import Stopped, Timeout, retry_until_stopped
+from ezengine.pipeline.transition_log import TransitionLog, log_path
+from ezengine.pipeline.transport import (
+    Stopped,
+    Timeout,
+    poll_for_training,
+    retry_until_stopped,
+)
 from ezengine.pipeline.weights import WeightHistory, load_flat, publish_state
 from ezengine.recipe import published_step
 from ezengine.rings import Ring, SharedCounters, SharedWeights
@@ -40,6 +47,7 @@ class SharedMemoryTransport:
         self._histories: dict[str, WeightHistory] = {}
         self._eval: SharedWeights | None = None
         self._flat: dict[str, np.ndarray] = {}
+        self._logs: dict[int, TransitionLog] = {}
 
     def _ring(self, spec: Any) -> Ring:
         key = spec.segment
@@ -49,10 +57,21 @@ class SharedMemoryTransport:
 
     # ------------------------------------------------------------------ records
 
+    def _log(self, collector: int) -> TransitionLog:
+        if collector not in self._logs:
+            self._logs[collector] = TransitionLog(
+                log_path(self.spec.run_dir, collector),
+                transition_layout(self.spec.cfg(), self.spec.env))
+        return self._logs[collector]
+
+    def logged_env_steps(self, collector: int) -> int:
+        return self._log(collector).last_env_steps()
+
     @contextmanager
     def record_slot(self, collector: int, timeout: float) -> Iterator[Mapping[str, np.ndarray]]:
         with self._ring(self.spec.transitions[collector]).write(timeout=timeout) as slot:
             yield slot
+            self._log(collector).append(slot)  # this (the collector's) machine has the run
 
     def end_records(self, collector: int) -> None:
         self._ring(self.spec.transitions[collector]).close()
@@ -131,6 +150,9 @@ class SharedMemoryTransport:
                 return None
         load_flat(model, flat)
         return got
+
+    def wait_for_training(self, step: int) -> None:
+        poll_for_training(self.counters, step)
 
     # ------------------------------------------------------------------ remote searches
 

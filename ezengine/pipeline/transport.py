@@ -20,7 +20,7 @@ from ezengine.search import SearchResult
 POLL_S = 0.001
 
 __all__ = ["POLL_S", "Closed", "Counters", "CpuClock", "Stopped", "Timeout", "Transport",
-           "retry_until_stopped", "wait_for_training"]
+           "poll_for_training", "retry_until_stopped"]
 
 
 class Stopped(Exception):
@@ -46,9 +46,16 @@ class Transport(Protocol):
     counters: Counters
 
     # collector i -> the replay's owner: one transition record per vector step, in order.
+    # Every record is appended to the collector's transition log where the run directory
+    # is before the replay's owner can take it: nothing sent is lost to a crash.
+    def logged_env_steps(self, collector: int) -> int:
+        """The collector's env steps in its transition log (a resumed run goes on there)."""
+        ...
+
     def record_slot(self, collector: int, timeout: float
                     ) -> AbstractContextManager[Mapping[str, np.ndarray]]:
-        """A record to fill in place; it is sent when the block ends without error."""
+        """A record to fill in place; it is logged and sent when the block ends without
+        error."""
         ...
 
     def end_records(self, collector: int) -> None:
@@ -82,6 +89,11 @@ class Transport(Protocol):
         None while nothing is published."""
         ...
 
+    def wait_for_training(self, step: int) -> None:
+        """Block until the learner has trained, and published the weights of, `step` (or
+        has finished, or the run stops)."""
+        ...
+
     # collector i's searches run by the model owner (run.collector_inference: learner)
     def search(self, collector: int, obs: np.ndarray) -> SearchResult:
         """Send stacked observations, wait for the result; `Stopped` if the run stops."""
@@ -106,9 +118,8 @@ class CpuClock:
         self.last = now
 
 
-def wait_for_training(counters: Counters, step: int) -> None:
-    """Block until the learner has trained, and published the weights of, `step` (or has
-    finished, or the run stops)."""
+def poll_for_training(counters: Counters, step: int) -> None:
+    """Transport.wait_for_training by polling shared counters."""
     while (counters["train_steps"] < step and not counters["learner_done"]
            and not counters["stop"]):
         time.sleep(POLL_S)
