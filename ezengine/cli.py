@@ -66,9 +66,15 @@ def _default_run_dir(config_path: Path) -> Path:
 @click.option("--serial", is_flag=True,
               help="Run collection, reanalyse and learning in one process (debugging, "
                    "profiling).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default=None,
+              help="How the roles run (run.backend): local processes, or Ray actors "
+                   "[default: local].")
+@click.option("--address", default=None,
+              help="With --backend ray: the Ray cluster to join (run.ray_address), e.g. "
+                   "'auto'; without it a local Ray instance is started.")
 def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None,
           device: str | None, seed: int | None, run_dir: Path | None, resume_dir: Path | None,
-          collectors: int, serial: bool) -> None:
+          collectors: int, serial: bool, backend: str | None, address: str | None) -> None:
     """Train an agent from a YAML CONFIG (for example configs/cartpole.yaml).
 
     By default collectors, a replay + reanalyse worker, the learner and an evaluator run as
@@ -81,6 +87,8 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
       ezengine train configs/ms_pacman.yaml --run-dir runs/pacman-s0 --device cuda
       ezengine train configs/cartpole.yaml --set learner.lr=0.001 --env-steps 20000
       ezengine train --resume runs/pacman-s0
+      ezengine train configs/cartpole.yaml --backend ray            # Ray actors, local instance
+      ezengine train configs/ms_pacman.yaml --backend ray --address auto   # a Ray cluster
     """
     extra = list(overrides)
     if env_steps is not None:
@@ -89,6 +97,10 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
         extra.append(f"run.device={device}")
     if seed is not None:
         extra.append(f"run.seed={seed}")
+    if backend is not None:
+        extra.append(f"run.backend={backend}")
+    if address is not None:
+        extra.append(f"run.ray_address={address}")
     if resume_dir is not None:
         if config is not None or run_dir is not None:
             raise click.UsageError("--resume takes the config and run dir from RUN_DIR; "
@@ -119,8 +131,13 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
             return
         from ezengine.pipeline import PipelineTrainer
 
-        code = PipelineTrainer(cfg, run_dir, echo=_echo_flush, resume=resume_dir is not None,
-                               num_collectors=collectors).run()
+        trainer = PipelineTrainer
+        if cfg.run.backend == "ray":
+            from ezengine.pipeline.ray_backend import RayTrainer
+
+            trainer = RayTrainer
+        code = trainer(cfg, run_dir, echo=_echo_flush, resume=resume_dir is not None,
+                       num_collectors=collectors).run()
     except (RunDirError, DiskFullError) as exc:
         raise click.ClickException(str(exc)) from None
     if code != 0:
@@ -136,6 +153,10 @@ def _check_runnable(cfg: Config, source: Path) -> None:
 
     try:
         resolve_device(cfg.run.device)
+        if cfg.run.backend == "ray":
+            from ezengine.pipeline.ray_backend import import_ray
+
+            import_ray()
         env = describe_env(cfg.env)
         build_model(cfg.model, env.frame_shape, env.num_actions, cfg.env.frame_stack)
     except ValueError as exc:

@@ -251,6 +251,16 @@ class RunConfig:
         "local", "where the pipeline's collectors search: 'local' (each collector's CPU copy "
         "of the published self-play weights) or 'learner' (the model owner runs their "
         "searches on the training device)", _choices("local", "learner"))
+    backend: str = _f(
+        "local", "how the pipeline's roles run: 'local' (processes on this machine, shared "
+        "memory) or 'ray' (Ray actors on a cluster; pip install 'ezengine[ray]')",
+        _choices("local", "ray"))
+    ray_address: str = _f(
+        "", "with backend 'ray': the cluster to join ('auto': the one `ray start` made on "
+        "this machine); empty starts a local Ray instance sized to the machine")
+    ray_actor_cpus: float = _f(
+        0.5, "with backend 'ray': CPUs Ray reserves for each role's actor (collectors, "
+        "reanalyse, learner, evaluator)", _NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -538,6 +548,9 @@ def _check_cross(cfg: Config, origins: _Origins, source: str) -> None:
     if any(b <= a for a, b in itertools.pairwise(decay)):
         raise _bad_value(where("learner.lr_decay_steps"), "learner.lr_decay_steps",
                          learner.lr_decay_steps, "strictly ascending training steps")
+    if r.backend == "ray" and r.collector_inference == "learner":
+        raise _bad_value(where("run.collector_inference"), "run.collector_inference",
+                         r.collector_inference, "'local' with run.backend 'ray'")
     # Atari frames are images; a 'gym' env's observations are checked once it is made.
     if cfg.env.kind == "atari" and cfg.model.kind == "mlp":
         raise _bad_value(where("model.kind"), "model.kind", cfg.model.kind,

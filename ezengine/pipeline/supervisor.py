@@ -87,6 +87,7 @@ class PipelineTrainer:
         self.eta = Eta()
         self.failure: tuple[str, str] | None = None
         self.evaluations_shown = 0
+        self.rings: dict[str, list[Ring]] = {}  # shown in the progress line
 
     def _handle_signal(self, signum: int, _frame: Any) -> None:
         if self.stop_reason is None:
@@ -117,6 +118,14 @@ class PipelineTrainer:
             self.num_collectors = max(self.num_collectors, logs)
             resume_from = self._replay_point(env, trained)
             drop_torn_rows(self.run_dir)
+        else:
+            resume_from = (0, 0)
+        return self._launch(env, size, resume_from)
+
+    def _launch(self, env: EnvDescription, size: int, resume_from: tuple[int, int]) -> int:
+        """Create the shared-memory blocks, start the processes and watch them; the exit
+        code. `resume_from`: (training steps, env steps) the counters start at."""
+        cfg = self.cfg
         leftovers = unlink_orphaned_segments("ez")
         if leftovers:
             self.echo(f"removed {len(leftovers)} shared-memory segments left in /dev/shm by "
@@ -153,8 +162,7 @@ class PipelineTrainer:
                       *histories["target"], eval_weights,
                       *requests, *results]
             self.rings = {"transitions": transitions, "batches": [batches]}
-            if self.resume:
-                counters["train_steps"], counters["replay_env_steps"] = resume_from
+            counters["train_steps"], counters["replay_env_steps"] = resume_from
             spec = PipelineSpec(
                 config=config_to_dict(cfg), run_dir=str(self.run_dir), env=env,
                 num_collectors=self.num_collectors, resume=self.resume,
@@ -190,21 +198,34 @@ class PipelineTrainer:
                   f"({env_steps:,} env steps) from the replay logs")
         return steps, env_steps
 
-    def _supervise(self, spec: PipelineSpec, counters: SharedCounters) -> int:
-        ctx = mp.get_context("spawn")
-        errors = ctx.Queue()
-        procs: dict[str, mp.process.BaseProcess] = {}
+    def roles(self) -> list[tuple[str, int]]:
+        """(role, index) of every process the run starts."""
         roles = [("learner", 0), ("evaluator", 0)]
         if not reanalyse_in_learner(self.cfg):
             roles.append(("reanalyse", 0))
-        roles += [("collector", i) for i in range(self.num_collectors)]
+        return roles + [("collector", i) for i in range(self.num_collectors)]
+
+    def _supervise(self, spec: PipelineSpec, counters: SharedCounters) -> int:
+        ctx = mp.get_context("spawn")
+        errors = ctx.Queue()
+
+        def start(role: str, index: int, name: str) -> mp.process.BaseProcess:
+            proc = ctx.Process(target=child_main, args=(role, index, spec, errors),
+                               name=f"ezengine-{name}", daemon=True)
+            proc.start()
+            return proc
+        return self._watch_children(start, counters, errors)
+
+    def _watch_children(self, start: Any, counters: Any, errors: Any) -> int:
+        """Start every role with start(role, index, name) (a process-like object: exitcode,
+        join, is_alive, kill), watch them to the end or a stop, stop them; the exit code.
+        `errors` holds the (name, traceback) of roles that failed."""
+        procs: dict[str, Any] = {}
         old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            for role, index in roles:
+            for role, index in self.roles():
                 name = f"{role}-{index}" if role == "collector" else role
-                procs[name] = ctx.Process(target=child_main, args=(role, index, spec, errors),
-                                          name=f"ezengine-{name}", daemon=True)
-                procs[name].start()
+                procs[name] = start(role, index, name)
             self.echo(f"run dir {self.run_dir} | {self.cfg.env.id} | processes: "
                       f"{', '.join(procs)} | {self.cfg.run.env_steps:,} env steps, "
                       f"{total_training_steps(self.cfg):,} training steps")
@@ -236,8 +257,7 @@ class PipelineTrainer:
                 if self.failure is None or "died" in self.failure[1]:
                     self.failure = (who, tb)
 
-    def _watch(self, procs: dict[str, mp.process.BaseProcess], counters: SharedCounters,
-               errors: Any) -> None:
+    def _watch(self, procs: dict[str, Any], counters: Any, errors: Any) -> None:
         cfg = self.cfg
         start = last = time.perf_counter()
         last_snap = counters.snapshot()
@@ -318,6 +338,8 @@ class PipelineTrainer:
         self.metrics.progress(row)
         self.echo(progress_line(
             self.cfg, row, self.eta,
-            extra=f"learner waits {100 * row['learner_wait_fraction']:.0f}% | rings {snap_fill} | "
+            extra=f"learner waits {100 * row['learner_wait_fraction']:.0f}% | "
+                  + (f"rings {snap_fill} | " if snap_fill else "")
+                  +
                   "cores " + "/".join(f"{row[f'cores_{r}']:.1f}" for r in ROLES)
                   + " (collect/reanalyse/learn/eval)"))

@@ -1,0 +1,424 @@
+"""The pipeline on a Ray cluster (``ezengine train CONFIG --backend ray``): the same roles,
+run as Ray actors, talking through `RayTransport` to one `Hub` actor on the node that
+starts the run.
+
+The hub holds what the shared-memory blocks hold on one machine: a bounded queue of
+transition records per collector (it appends each record to the collector's transition log
+in the run directory before queueing it), the batches and priorities queues, the published
+weights (the last HISTORY_SLOTS self-play and target publishes under their training steps,
+the latest evaluation weights) and the counters. Its methods never block the actor: waits
+are awaited conditions, so every role's calls go on while one waits. Records, batches and
+weights travel as numpy arrays through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from ezengine.batch import TrainingBatch
+from ezengine.envs import EnvDescription
+from ezengine.pipeline.layouts import transition_layout
+from ezengine.pipeline.spec import FLOAT_COUNTERS, INT_COUNTERS, RING_SLOTS, PipelineSpec
+from ezengine.pipeline.supervisor import PipelineTrainer
+from ezengine.pipeline.transition_log import TransitionLog, log_path
+from ezengine.pipeline.transport import Closed, Stopped, Timeout
+from ezengine.pipeline.weights import HISTORY_SLOTS, flatten_state, load_flat
+from ezengine.recipe import published_step
+from ezengine.search import SearchResult
+
+
+def import_ray() -> Any:
+    """The ray module, or a one-line ValueError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--backend ray needs Ray: pip install 'ezengine[ray]'") from None
+    return ray
+
+
+class Hub:
+    """The exchange every role's RayTransport calls (a Ray actor; see the module doc)."""
+
+    def __init__(self, spec: PipelineSpec, start: Mapping[str, int]) -> None:
+        cfg = spec.cfg()
+        layout = transition_layout(cfg, spec.env)
+        self.logs = [TransitionLog(log_path(spec.run_dir, i), layout)
+                     for i in range(spec.num_collectors)]
+        self.records: list[deque] = [deque() for _ in range(spec.num_collectors)]
+        self.ended = [False] * spec.num_collectors
+        self.batches: deque = deque()
+        self.priorities: deque = deque()
+        self.weights: dict[str, dict[int, np.ndarray]] = {"selfplay": {}, "target": {}}
+        self.eval: tuple[int, np.ndarray] | None = None
+        self.counters: dict[str, float] = {name: 0 for name in INT_COUNTERS}
+        self.counters.update({name: 0.0 for name in FLOAT_COUNTERS})
+        self.counters.update(start)
+        self.changed = asyncio.Condition()
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _wait(self, ready: Any, timeout: float) -> bool:
+        """Wait until ready() (or the run stops); whether it is ready."""
+        async with self.changed:
+            try:
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: ready() or self.counters["stop"]), timeout)
+            except TimeoutError:
+                return False
+        return bool(ready())
+
+    # -------------------------------------------------------------- records
+
+    def logged_env_steps(self, collector: int) -> int:
+        return self.logs[collector].last_env_steps()
+
+    async def put_record(self, collector: int, record: dict, timeout: float) -> bool:
+        queue = self.records[collector]
+        if not await self._wait(lambda: len(queue) < RING_SLOTS["transitions"], timeout):
+            return False
+        self.logs[collector].append(record)
+        queue.append(record)
+        await self._notify()
+        return True
+
+    async def end_records(self, collector: int) -> None:
+        self.ended[collector] = True
+        await self._notify()
+
+    async def take_record(self, collector: int, timeout: float) -> dict | str | None:
+        """The record, "ended" once the collector ended and its queue is empty, or None."""
+        queue = self.records[collector]
+        if not await self._wait(lambda: queue or self.ended[collector], timeout):
+            return None
+        if not queue:
+            return "ended"
+        record = queue.popleft()
+        await self._notify()
+        return record
+
+    # -------------------------------------------------------------- batches, priorities
+
+    async def put(self, name: str, item: Any, timeout: float) -> bool:
+        queue = getattr(self, name)
+        slots = RING_SLOTS[name]
+        if not await self._wait(lambda: len(queue) < slots, timeout):
+            return False
+        queue.append(item)
+        await self._notify()
+        return True
+
+    async def take(self, name: str, timeout: float) -> Any:
+        queue = getattr(self, name)
+        if not await self._wait(lambda: bool(queue), timeout):
+            return None
+        item = queue.popleft()
+        await self._notify()
+        return item
+
+    # -------------------------------------------------------------- weights, counters
+
+    async def publish(self, kind: str, flat: np.ndarray, step: int) -> None:
+        if kind == "eval":
+            self.eval = (step, flat)
+        else:
+            held = self.weights[kind]
+            held[step] = flat
+            while len(held) > HISTORY_SLOTS:
+                del held[min(held)]
+
+    def choose(self, kind: str, step: int) -> int | None:
+        """The training step of the publish a reader of `step` takes (None: none yet)."""
+        if kind == "eval":
+            return None if self.eval is None else self.eval[0]
+        held = list(self.weights[kind])
+        return published_step(held, step) if held else None
+
+    def weights_of(self, kind: str, step: int) -> np.ndarray:
+        return self.eval[1] if kind == "eval" else self.weights[kind][step]
+
+    async def set_counter(self, name: str, value: float) -> None:
+        self.counters[name] = value
+        await self._notify()
+
+    def add_counters(self, deltas: Mapping[str, float]) -> None:
+        for name, delta in deltas.items():
+            self.counters[name] += delta
+
+    def counter(self, name: str) -> float:
+        return self.counters[name]
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self.counters)
+
+    async def wait_for_training(self, step: int, timeout: float) -> bool:
+        """Whether the learner has trained `step` (or finished) within `timeout`."""
+        return await self._wait(lambda: (self.counters["train_steps"] >= step
+                                         or self.counters["learner_done"]), timeout)
+
+
+class HubCounters:
+    """The hub's counters behind the Counters interface, with few round trips: additions
+    are summed here and sent at most every FLUSH_S (and before any write), writes are sent
+    without waiting (one caller's calls run in the order it made them), and the two flags
+    every loop reads, "stop" and "learner_done", are re-read at most every FLUSH_S (they
+    only ever go from 0 to 1)."""
+
+    FLUSH_S = 0.05
+    FLAGS = ("stop", "learner_done")
+
+    def __init__(self, hub: Any, ray: Any) -> None:
+        self.hub = hub
+        self.ray = ray
+        self.pending: dict[str, float] = {}
+        self.flushed = time.monotonic()
+        self.flags: dict[str, tuple[float, Any]] = {}
+
+    def flush(self) -> None:
+        if self.pending:
+            self.hub.add_counters.remote(self.pending)
+            self.pending = {}
+        self.flushed = time.monotonic()
+
+    def __getitem__(self, name: str) -> Any:
+        now = time.monotonic()
+        if name in self.FLAGS:
+            at, value = self.flags.get(name, (-1.0, 0))
+            if value or now - at < self.FLUSH_S:
+                return value
+        self.flush()
+        value = self.ray.get(self.hub.counter.remote(name))
+        if name in self.FLAGS:
+            self.flags[name] = (now, value)
+        return value
+
+    def __setitem__(self, name: str, value: float) -> None:
+        self.flush()
+        self.hub.set_counter.remote(name, value)
+
+    def add(self, name: str, delta: float = 1) -> None:
+        self.pending[name] = self.pending.get(name, 0) + delta
+        if time.monotonic() - self.flushed >= self.FLUSH_S:
+            self.flush()
+
+    def snapshot(self) -> dict[str, Any]:
+        self.flush()
+        return self.ray.get(self.hub.snapshot.remote())
+
+
+class RayTransport:
+    """Transport through the hub actor (see the module doc)."""
+
+    def __init__(self, hub: Any, spec: PipelineSpec) -> None:
+        self.ray = import_ray()
+        self.hub = hub
+        self.spec = spec
+        self.counters = HubCounters(hub, self.ray)
+        self.layout = transition_layout(spec.cfg(), spec.env)
+
+    def _call(self, method: Any, *args: Any) -> Any:
+        return self.ray.get(method.remote(*args))
+
+    def logged_env_steps(self, collector: int) -> int:
+        return self._call(self.hub.logged_env_steps, collector)
+
+    @contextmanager
+    def record_slot(self, collector: int, timeout: float) -> Iterator[Mapping[str, np.ndarray]]:
+        record = {name: np.zeros(shape, dtype) for name, shape, dtype in self.layout}
+        yield record
+        if not self._call(self.hub.put_record, collector, record, timeout):
+            raise Timeout(f"collector {collector}'s queue stayed full")
+
+    def end_records(self, collector: int) -> None:
+        self._call(self.hub.end_records, collector)
+
+    @contextmanager
+    def take_record(self, collector: int, timeout: float) -> Iterator[Mapping[str, np.ndarray]]:
+        record = self._call(self.hub.take_record, collector, timeout)
+        if record is None:
+            raise Timeout(f"no record from collector {collector}")
+        if isinstance(record, str):
+            raise Closed(f"collector {collector} ended")
+        yield record
+
+    def _put(self, name: str, item: Any) -> bool:
+        while not self._call(self.hub.put, name, item, 1.0):
+            if self.counters["stop"]:
+                return False
+        return True
+
+    def _take(self, name: str, timeout: float) -> Any:
+        item = self._call(self.hub.take, name, timeout)
+        if item is None:
+            raise Timeout(f"nothing in {name}")
+        return item
+
+    def put_batch(self, batch: TrainingBatch) -> bool:
+        return self._put("batches", batch)
+
+    def take_batch(self, timeout: float) -> TrainingBatch:
+        return self._take("batches", timeout)
+
+    def put_priorities(self, step: int, positions: np.ndarray, priorities: np.ndarray
+                       ) -> bool:
+        return self._put("priorities", (step, positions, priorities))
+
+    def take_priorities(self, timeout: float) -> tuple[int, np.ndarray, np.ndarray]:
+        return self._take("priorities", timeout)
+
+    def publish(self, kind: str, state: Mapping[str, torch.Tensor], step: int) -> None:
+        # Sent without waiting: the counter write that follows it runs after it.
+        self.hub.publish.remote(kind, flatten_state(state), step)
+
+    def load(self, kind: str, model: torch.nn.Module, step: int, loaded: int | None
+             ) -> int | None:
+        chosen = self._call(self.hub.choose, kind, step)
+        if chosen is None or chosen == loaded:
+            return loaded if chosen is None else chosen
+        load_flat(model, self._call(self.hub.weights_of, kind, chosen))
+        return chosen
+
+    def wait_for_training(self, step: int) -> None:
+        while not self._call(self.hub.wait_for_training, step, 1.0):
+            if self.counters["stop"]:
+                return
+
+    def search(self, collector: int, obs: np.ndarray) -> SearchResult:
+        raise RuntimeError("run.collector_inference 'learner' is for the local backend")
+
+    def serve_searches(self, run: Any) -> bool:
+        return False
+
+
+class RoleActor:
+    """One role of the run, in its own Ray worker process (see pipeline/child.py for the
+    local backend's counterpart)."""
+
+    def __init__(self, role: str, index: int, spec: PipelineSpec, hub: Any) -> None:
+        from ezengine.device import configure_torch
+
+        configure_torch(threads=1)
+        self.role, self.index, self.spec = role, index, spec
+        self.transport = RayTransport(hub, spec)
+
+    def run(self) -> None:
+        from ezengine.pipeline.child import ROLES
+        from ezengine.pipeline.collector_role import run_collector
+
+        try:
+            if self.role == "collector":
+                run_collector(self.spec, self.index, self.transport)
+            else:
+                ROLES[self.role](self.spec, self.transport)
+        except Stopped:
+            pass
+
+
+class ActorProcess:
+    """A role's actor seen as a process (exitcode, join, is_alive, kill) by the
+    supervisor's watch loop; a failure's traceback goes to `errors`."""
+
+    def __init__(self, ray: Any, actor: Any, name: str, errors: list) -> None:
+        self.ray, self.actor, self.name, self.errors = ray, actor, name, errors
+        self.ref = actor.run.remote()
+        self._code: int | None = None
+
+    @property
+    def exitcode(self) -> int | None:
+        if self._code is None:
+            ready, _ = self.ray.wait([self.ref], timeout=0)
+            if ready:
+                try:
+                    self.ray.get(self.ref)
+                    self._code = 0
+                except self.ray.exceptions.RayActorError:
+                    self._code = -9  # the actor's process died (SIGKILL, a lost node)
+                except self.ray.exceptions.RayTaskError as exc:
+                    self.errors.append((self.name, str(exc)))
+                    self._code = 1
+        return self._code
+
+    def join(self, timeout: float) -> None:
+        self.ray.wait([self.ref], timeout=timeout)
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None
+
+    def kill(self) -> None:
+        self.ray.kill(self.actor)
+
+
+class ErrorList(list):
+    """The failures ActorProcess records, read like the local backend's error queue."""
+
+    def empty(self) -> bool:
+        return not self
+
+    def get_nowait(self) -> Any:
+        return self.pop(0)
+
+
+class RayTrainer(PipelineTrainer):
+    """The pipeline's launcher on Ray: the hub and one actor per role (`roles()`), watched
+    by the same loop as the local processes."""
+
+    def _launch(self, env: EnvDescription, size: int, resume_from: tuple[int, int]) -> int:
+        ray = import_ray()
+        address = self.cfg.run.ray_address or None
+        started = not ray.is_initialized()
+        if started:
+            # No dashboard and no extra logging setup: a local run needs neither.
+            ray.init(address=address, include_dashboard=False, configure_logging=False,
+                     **({} if address else {"num_cpus": os.cpu_count()}))
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from ezengine.config import config_to_dict
+        from ezengine.metrics import MetricsWriter
+
+        spec = PipelineSpec(
+            config=config_to_dict(self.cfg), run_dir=str(self.run_dir.resolve()), env=env,
+            num_collectors=self.num_collectors, resume=self.resume, transitions=[],
+            batches=None, priorities=None, counters=None, selfplay_weights=[],
+            target_weights=[], eval_weights=None, search_requests=[], search_results=[],
+            prefix="", supervisor_pid=os.getpid())
+        cpus = self.cfg.run.ray_actor_cpus
+        # The hub, the learner and the evaluator write the run directory: this node's.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                              soft=False)
+        hub = ray.remote(Hub).options(num_cpus=0, max_concurrency=1000,
+                                      scheduling_strategy=here).remote(
+            spec, {"train_steps": resume_from[0], "replay_env_steps": resume_from[1]})
+        errors = ErrorList()
+        actors: list[Any] = []
+
+        def start(role: str, index: int, name: str) -> ActorProcess:
+            placement = here if role in ("learner", "evaluator") else "DEFAULT"
+            actor = ray.remote(RoleActor).options(num_cpus=cpus,
+                                                  scheduling_strategy=placement).remote(
+                role, index, spec, hub)
+            actors.append(actor)
+            return ActorProcess(ray, actor, name, errors)
+
+        self.metrics = MetricsWriter(self.run_dir)
+        try:
+            return self._watch_children(start, HubCounters(hub, ray), errors)
+        except Exception:
+            self.echo(traceback.format_exc())
+            return 1
+        finally:
+            self.metrics.close()
+            for actor in [*actors, hub]:
+                ray.kill(actor)
+            if started:
+                ray.shutdown()
