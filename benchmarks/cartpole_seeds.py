@@ -4,13 +4,15 @@ line per run to the output file (so a long study can be stopped and continued).
 
     python benchmarks/cartpole_seeds.py --out docs/cartpole_seeds.jsonl \
         [--seeds 0 1 2 3 4] [--modes pipeline one-core neighbour serial] [--set KEY=VALUE ...]
-        [--keep RUNS_DIR]
+        [--keep RUNS_DIR] [--cpu N]
 
 Modes: `pipeline` (the default run, alone on the machine), `one-core` (the pipeline confined
-to CPU 0 with `taskset -c 0`), `neighbour` (the pipeline beside a process that keeps one
-core busy), `serial` (`--serial` on CPU 1; deterministic, so it may share the machine with a
-`one-core` run on CPU 0). A run already in the output file (same seed, mode
-and overrides) is skipped. `--table` prints the file as a Markdown table instead.
+to one CPU with `taskset -c N`), `neighbour` (the pipeline beside a process that keeps one
+core busy), `serial` (`--serial` pinned to CPU N). N is `--cpu` (1 by default). A run's
+result does not depend on timing (the timetable, docs/architecture.md), so two serial or
+one-core runs may share the machine, one per CPU; only their times then say nothing. A run
+already in the output file (same seed, mode and overrides) is skipped. `--table` prints the
+file as a Markdown table instead.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ def train_command(mode: str, seed: int, run_dir: Path, overrides: list[str],
     for item in overrides:
         cmd += ["--set", item]
     if mode == "serial":
-        # One process, pinned to one CPU (1 by default); its result does not depend on
-        # timing, so it may run beside a one-core run (pinned to CPU 0).
+        # One process, pinned to one CPU (--cpu, 1 by default); a run's result does not
+        # depend on timing, so two may run at once, one per CPU.
         cmd = ["taskset", "-c", str(serial_cpu), *cmd, "--serial"]
     if mode == "one-core":
-        cmd = ["taskset", "-c", "0", *cmd]
+        cmd = ["taskset", "-c", str(serial_cpu), *cmd]
     return cmd
 
 
@@ -115,8 +117,8 @@ def main() -> None:
                         metavar="KEY=VALUE")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep each run directory under this folder")
-    parser.add_argument("--serial-cpu", type=int, default=1,
-                        help="the CPU a serial run is pinned to")
+    parser.add_argument("--cpu", "--serial-cpu", dest="serial_cpu", type=int, default=1,
+                        help="the CPU a serial or one-core run is pinned to")
     parser.add_argument("--table", action="store_true", help="print the file as Markdown")
     args = parser.parse_args()
     if args.table:
