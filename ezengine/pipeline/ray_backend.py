@@ -312,6 +312,12 @@ class RoleActor:
         self.role, self.index, self.spec = role, index, spec
         self.transport = RayTransport(hub, spec)
 
+    def where(self) -> str:
+        """"pid P on NODE": where this role runs (the launcher prints it)."""
+        import socket
+
+        return f"pid {os.getpid()} on {socket.gethostname()}"
+
     def run(self) -> None:
         from ezengine.pipeline.child import ROLES
         from ezengine.pipeline.collector_role import run_collector
@@ -408,6 +414,7 @@ class RayTrainer(PipelineTrainer):
                                                   scheduling_strategy=placement).remote(
                 role, index, spec, hub)
             actors.append(actor)
+            self.echo(f"{name}: Ray actor, {ray.get(actor.where.remote())}")
             return ActorProcess(ray, actor, name, errors)
 
         self.metrics = MetricsWriter(self.run_dir)
