@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ezengine.checkpoint import load_checkpoint
 
@@ -87,3 +88,17 @@ def test_a_killed_actor_stops_the_run_naming_it(tmp_path):
     assert "run failed in collector-0" in out and "SIGKILL" in out
     assert records(run) >= logged  # what was logged stays
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] > 0
+
+
+def test_a_ray_run_is_the_local_run(tmp_path):
+    # The timetable holds across backends: the same seed gives the same weights, bit for
+    # bit, through Ray actors and through the local processes.
+    def trained(name: str, backend: str) -> dict:
+        args = [a if a != "ray" else backend for a in TINY]
+        proc = start([*args, "--env-steps", "600", "--run-dir", str(tmp_path / name)])
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        return load_checkpoint(tmp_path / name / "checkpoints" / "latest.pt")["learner"]["model"]
+
+    local, ray = trained("local", "local"), trained("ray", "ray")
+    assert all(torch.equal(local[k], ray[k]) for k in local)

@@ -162,16 +162,22 @@ class Hub:
     def snapshot(self) -> dict[str, float]:
         return dict(self.counters)
 
-    async def wait_for_training(self, step: int, timeout: float) -> bool:
-        """Whether the learner has trained `step` (or finished) within `timeout`."""
-        return await self._wait(lambda: (self.counters["train_steps"] >= step
+    async def wait_for_training(self, step: int, timeout: float
+                                ) -> tuple[bool, int, dict[str, list[int]]]:
+        """Whether the learner has trained `step` (or finished) within `timeout`, the
+        training steps it has done, and the steps of the publishes held (a reader picks
+        its publish from them without another call)."""
+        done = await self._wait(lambda: (self.counters["train_steps"] >= step
                                          or self.counters["learner_done"]), timeout)
+        return (done, int(self.counters["train_steps"]),
+                {kind: list(held) for kind, held in self.weights.items()})
 
 
 class HubCounters:
     """The hub's counters behind the Counters interface, with few round trips: additions
     are summed here and sent at most every FLUSH_S (and before any write), writes are sent
-    without waiting (one caller's calls run in the order it made them), and the two flags
+    without waiting (a write that must follow another call is made after that call
+    returned: see RayTransport), and the two flags
     every loop reads, "stop" and "learner_done", are re-read at most every FLUSH_S (they
     only ever go from 0 to 1)."""
 
@@ -226,6 +232,8 @@ class RayTransport:
         self.spec = spec
         self.counters = HubCounters(hub, self.ray)
         self.layout = transition_layout(spec.cfg(), spec.env)
+        self.trained = -1  # training steps done, as of the last wait
+        self.held: dict[str, list[int]] = {}  # publishes held then, by kind
 
     def _call(self, method: Any, *args: Any) -> Any:
         return self.ray.get(method.remote(*args))
@@ -252,17 +260,20 @@ class RayTransport:
             raise Closed(f"collector {collector} ended")
         yield record
 
-    def _put(self, name: str, item: Any) -> bool:
-        while not self._call(self.hub.put, name, item, 1.0):
-            if self.counters["stop"]:
-                return False
-        return True
-
     def _take(self, name: str, timeout: float) -> Any:
         item = self._call(self.hub.take, name, timeout)
         if item is None:
             raise Timeout(f"nothing in {name}")
         return item
+
+    # An async actor may run one caller's calls out of order, so whatever must arrive in
+    # order (batches, priorities, a publish before the step count that announces it) is
+    # sent with a call that returns only once the hub has it.
+    def _put(self, name: str, item: Any) -> bool:
+        while not self._call(self.hub.put, name, item, 1.0):
+            if self.counters["stop"]:
+                return False
+        return True
 
     def put_batch(self, batch: TrainingBatch) -> bool:
         return self._put("batches", batch)
@@ -278,20 +289,25 @@ class RayTransport:
         return self._take("priorities", timeout)
 
     def publish(self, kind: str, state: Mapping[str, torch.Tensor], step: int) -> None:
-        # Sent without waiting: the counter write that follows it runs after it.
-        self.hub.publish.remote(kind, flatten_state(state), step)
+        self._call(self.hub.publish, kind, flatten_state(state), step)
 
     def load(self, kind: str, model: torch.nn.Module, step: int, loaded: int | None
              ) -> int | None:
-        chosen = self._call(self.hub.choose, kind, step)
+        # The publishes seen by the last wait for `step` are all there are up to it.
+        held = self.held.get(kind) if kind != "eval" and step <= self.trained else None
+        chosen = (published_step(held, step) if held
+                  else self._call(self.hub.choose, kind, step))
         if chosen is None or chosen == loaded:
             return loaded if chosen is None else chosen
         load_flat(model, self._call(self.hub.weights_of, kind, chosen))
         return chosen
 
     def wait_for_training(self, step: int) -> None:
-        while not self._call(self.hub.wait_for_training, step, 1.0):
-            if self.counters["stop"]:
+        if step <= self.trained:
+            return
+        while True:
+            done, self.trained, self.held = self._call(self.hub.wait_for_training, step, 1.0)
+            if done or self.counters["stop"]:
                 return
 
     def search(self, collector: int, obs: np.ndarray) -> SearchResult:
