@@ -251,11 +251,7 @@ def evaluate_command(target: Path, suite: str | None, episodes: int, seed: int,
     if suite is not None:
         if out is not None:
             raise click.UsageError("--out is for one checkpoint; --suite writes --out-prefix")
-        prefix = out_prefix or target / f"{suite}-suite"
-        if suite == "minatar":
-            _minatar_report(target, prefix)
-        else:
-            _suite_report(target, prefix)
+        _suite_report(suite, target, out_prefix or target / f"{suite}-suite")
         return
     if out_prefix is not None:
         raise click.UsageError("--out-prefix only applies with --suite")
@@ -277,11 +273,14 @@ def evaluate_command(target: Path, suite: str | None, episodes: int, seed: int,
                f"{record['episodes']} episodes{hns}{where}")
 
 
-def _minatar_report(root: Path, prefix: Path) -> None:
-    from ezengine.scores import minatar_report, write_minatar_report
+def _suite_report(suite: str, root: Path, prefix: Path) -> None:
+    """Write the --suite table of the runs under `root` and echo its summary."""
+    from ezengine import scores
 
+    build, write = {"atari100k": (scores.suite_report, scores.write_suite_report),
+                    "minatar": (scores.minatar_report, scores.write_minatar_report)}[suite]
     try:
-        report = minatar_report(root)
+        report = build(root)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from exc
     for run, why in report.skipped:
@@ -289,31 +288,17 @@ def _minatar_report(root: Path, prefix: Path) -> None:
     for r in report.incomplete:
         click.echo(f"warning: {r.run_dir} stopped at {r.env_steps:,} of "
                    f"{r.env_step_budget:,} env steps; using its latest evaluation", err=True)
-    csv_path, md_path = write_minatar_report(report, prefix)
+    csv_path, md_path = write(report, prefix)
     agg = report.aggregate
+    if suite == "minatar":
+        summary = f"{agg['beats_dqn']} beat DQN's 5M-frame return"
+    else:
+        summary = (f"mean HNS {agg['mean_hns']:.3f} (paper {agg['paper_mean_hns']:.3f}), "
+                   f"median {agg['median_hns']:.3f} (paper {agg['paper_median_hns']:.3f}), "
+                   f"{agg['games_above_human']} at or above human (paper "
+                   f"{agg['paper_games_above_human']})")
     click.echo(f"{agg['games']} games, {sum(map(len, report.runs.values()))} runs: "
-               f"{agg['beats_dqn']} beat DQN's 5M-frame return -> {csv_path}, {md_path}")
-
-
-def _suite_report(root: Path, prefix: Path) -> None:
-    from ezengine.scores import suite_report, write_suite_report
-
-    try:
-        report = suite_report(root)
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from exc
-    for run, why in report.skipped:
-        click.echo(f"skipped {run}: {why}", err=True)
-    for r in report.incomplete:
-        click.echo(f"warning: {r.run_dir} stopped at {r.env_steps:,} of "
-                   f"{r.env_step_budget:,} env steps; using its latest evaluation", err=True)
-    csv_path, md_path = write_suite_report(report, prefix)
-    agg = report.aggregate
-    click.echo(f"{agg['games']} games, {sum(map(len, report.runs.values()))} runs: mean HNS "
-               f"{agg['mean_hns']:.3f} (paper {agg['paper_mean_hns']:.3f}), median "
-               f"{agg['median_hns']:.3f} (paper {agg['paper_median_hns']:.3f}), "
-               f"{agg['games_above_human']} at or above human (paper "
-               f"{agg['paper_games_above_human']}) -> {csv_path}, {md_path}")
+               f"{summary} -> {csv_path}, {md_path}")
 
 
 @main.command(short_help="Watch a trained agent play (window or video).")

@@ -258,6 +258,18 @@ def suite_report(runs_root: str | Path) -> SuiteReport:
     return report
 
 
+def _write_markdown(report: SuiteReport, lines: list[str], prefix: Path) -> Path:
+    """Write PREFIX.md: `lines`, then the runs that had not reached their budget."""
+    if report.incomplete:
+        lines = [*lines, "", "Runs that had not reached their env-step budget (their latest "
+                 "evaluation is used):"]
+        lines += [f"- {r.run_dir} ({r.env_steps:,} of {r.env_step_budget:,} env steps)"
+                  for r in report.incomplete]
+    md_path = prefix.with_name(prefix.name + ".md")
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path
+
+
 _CSV_COLUMNS = ["game", "env_id", "seeds", "seed_scores", "score", "hns", "paper_score",
                 "paper_hns"]
 
@@ -307,14 +319,7 @@ def write_suite_report(report: SuiteReport, prefix: str | Path) -> tuple[Path, P
               f"| {r['paper_score']} | {r['paper_hns']} |" for r in rows]
     lines += ["", f"| over {agg['games']} games | ours | paper |", "|---|---:|---:|"]
     lines += [f"| {name} | {ours} | {paper} |" for name, ours, paper in summary]
-    if report.incomplete:
-        lines += ["", "Runs that had not reached their env-step budget (their latest "
-                  "evaluation is used):"]
-        lines += [f"- {r.run_dir} ({r.env_steps:,} of {r.env_step_budget:,} env steps)"
-                  for r in report.incomplete]
-    md_path = prefix.with_name(prefix.name + ".md")
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
+    return csv_path, _write_markdown(report, lines, prefix)
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,11 +395,4 @@ def write_minatar_report(report: SuiteReport, prefix: str | Path) -> tuple[Path,
               f"{r['seed_scores'].replace(';', ', ')} | {r['dqn_5m']} | {r['random']} | "
               f"{r['beats_dqn']} |" for r in rows]
     lines += ["", f"{agg['beats_dqn']} of {agg['games']} games beat DQN's 5M-frame return."]
-    if report.incomplete:
-        lines += ["", "Runs that had not reached their env-step budget (their latest "
-                  "evaluation is used):"]
-        lines += [f"- {r.run_dir} ({r.env_steps:,} of {r.env_step_budget:,} env steps)"
-                  for r in report.incomplete]
-    md_path = prefix.with_name(prefix.name + ".md")
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
+    return csv_path, _write_markdown(report, lines, prefix)
