@@ -415,7 +415,8 @@ class RayTrainer(PipelineTrainer):
             target_weights=[], eval_weights=None, search_requests=[], search_results=[],
             prefix="", supervisor_pid=os.getpid())
         cpus = self.cfg.run.ray_actor_cpus
-        # The hub, the learner and the evaluator write the run directory: this node's.
+        # The hub, the learner and the evaluator write the run directory, and the replay's
+        # owner (reanalyse) rebuilds from its transition logs on resume: this node's.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                               soft=False)
         hub = ray.remote(Hub).options(num_cpus=0, max_concurrency=1000,
@@ -425,7 +426,7 @@ class RayTrainer(PipelineTrainer):
         actors: list[Any] = []
 
         def start(role: str, index: int, name: str) -> ActorProcess:
-            placement = here if role in ("learner", "evaluator") else "DEFAULT"
+            placement = here if role in ("learner", "reanalyse", "evaluator") else "DEFAULT"
             actor = ray.remote(RoleActor).options(num_cpus=cpus,
                                                   scheduling_strategy=placement).remote(
                 role, index, spec, hub)
