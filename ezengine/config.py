@@ -251,6 +251,11 @@ class RunConfig:
         "local", "where the pipeline's collectors search: 'local' (each collector's CPU copy "
         "of the published self-play weights) or 'learner' (the model owner runs their "
         "searches on the training device)", _choices("local", "learner"))
+    reanalysers: int = _f(
+        1, "processes that share each batch's reanalysis searches: the replay's owner and "
+        "reanalysers - 1 helpers (Ray actors anywhere in the cluster with backend 'ray'); "
+        "each part of a batch always goes to the same one, so a run's result depends on "
+        "this number, not on timing", _POSITIVE)
     backend: str = _f(
         "local", "how the pipeline's roles run: 'local' (processes on this machine, shared "
         "memory) or 'ray' (Ray actors on a cluster; pip install 'ezengine[ray]')",

@@ -15,6 +15,9 @@ For a sampled position t and every c in t..t+K this builds:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import numpy as np
 import torch
 
@@ -22,7 +25,7 @@ from ezengine.batch import TrainingBatch
 from ezengine.config import Config
 from ezengine.model import EfficientZeroNet
 from ezengine.replay import ReplayBuffer, SampledPositions
-from ezengine.search import BatchedSearch
+from ezengine.search import BatchedSearch, visit_distribution
 from ezengine.support import support_to_scalar
 
 
@@ -45,21 +48,48 @@ def value_prefix_targets(rewards: np.ndarray, has_action: np.ndarray, horizon: i
     return out
 
 
+class HelperSearches(Protocol):
+    """Parts 1.. of a batch's re-searched roots, searched by other processes (the pipeline's
+    reanalyse helpers): each part always goes to the same helper."""
+
+    def send(self, part: int, target_step: int, obs: np.ndarray) -> None:
+        """Ask helper `part` to search `obs` (stacked frames) with the target weights
+        published at training step `target_step`."""
+        ...
+
+    def receive(self, part: int) -> np.ndarray:
+        """int32 [n, A]: the visit counts of the search sent to helper `part`."""
+        ...
+
+
 class Reanalyser:
     """Builds TrainingBatches from a replay buffer with the target model.
+
+    The re-searched roots of a batch are split into 1 + len(part_seeds) parts, part p
+    always searched by the search seeded part_seeds[p - 1] (part 0: `seed`): here, one
+    after the other, or by `helpers` in other processes at the same time. Either way a
+    batch comes out the same.
 
     Args:
         cfg: the full config.
         replay: the buffer the positions come from.
         num_actions: A.
-        seed: seeds the re-search noise and the padding actions.
+        seed: seeds the re-search noise of part 0 and the padding actions.
+        part_seeds: seeds of the other parts' searches.
+        helpers: searches parts 1.. elsewhere (None: here).
     """
 
-    def __init__(self, cfg: Config, replay: ReplayBuffer, num_actions: int, seed: int) -> None:
+    def __init__(self, cfg: Config, replay: ReplayBuffer, num_actions: int, seed: int,
+                 part_seeds: Sequence[int] = (), helpers: HelperSearches | None = None
+                 ) -> None:
         self.cfg = cfg
         self.replay = replay
         self.num_actions = num_actions
         self.search = BatchedSearch.for_config(cfg, num_actions, seed)
+        self.parts = 1 + len(part_seeds)
+        self.helpers = helpers
+        self.part_searches = ([] if helpers is not None else
+                              [BatchedSearch.for_config(cfg, num_actions, s) for s in part_seeds])
         self.rng = np.random.default_rng(seed)
 
     def _model_input(self, positions: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -102,10 +132,34 @@ class Reanalyser:
         return np.where(valid, acc, 0.0).astype(np.float32)
 
     @torch.no_grad()
-    def policy_targets(self, model: EfficientZeroNet, pos: np.ndarray, has_action: np.ndarray
-                       ) -> np.ndarray:
+    def search_visits(self, model: EfficientZeroNet, positions: np.ndarray, target_step: int
+                      ) -> np.ndarray:
+        """int32 [n, A]: visit counts of a search (with root noise) from each position,
+        part by part (see the class doc)."""
+        frames = self.replay.stacked_frames(positions)
+        parts = np.array_split(frames, self.parts)
+        if self.helpers is not None:
+            for p in range(1, self.parts):
+                if len(parts[p]):
+                    self.helpers.send(p, target_step, parts[p])
+        device = next(model.parameters()).device
+        visits = [self.search.run(model, torch.from_numpy(parts[0]).to(device),
+                                  add_noise=True).visit_counts]
+        for p in range(1, self.parts):
+            if not len(parts[p]):
+                continue
+            visits.append(self.helpers.receive(p) if self.helpers is not None else
+                          self.part_searches[p - 1].run(
+                              model, torch.from_numpy(parts[p]).to(device),
+                              add_noise=True).visit_counts)
+        return np.concatenate(visits)
+
+    @torch.no_grad()
+    def policy_targets(self, model: EfficientZeroNet, pos: np.ndarray, has_action: np.ndarray,
+                       target_step: int = 0) -> np.ndarray:
         """float32 [B, K+1, A]: re-searched for a random reanalyse_fraction of the rows,
-        stored visit distributions for the rest, zero where there is no action."""
+        stored visit distributions for the rest, zero where there is no action.
+        `target_step`: the training step of `model`'s weights (for helpers)."""
         rp = self.replay
         out = np.where(has_action[..., None], rp.policies[rp.slot(np.maximum(pos, 0))], 0.0)
         n_fresh = round(self.cfg.learner.reanalyse_fraction * pos.shape[0])
@@ -115,15 +169,14 @@ class Reanalyser:
         fresh = has_action.copy()
         fresh[stale] = False
         if fresh.any():
-            device = next(model.parameters()).device
-            obs = self._model_input(pos[fresh], device)
-            out[fresh] = self.search.run(model, obs, add_noise=True).policies()
+            out[fresh] = visit_distribution(self.search_visits(model, pos[fresh], target_step))
         return out.astype(np.float32)
 
     def build(self, target_model: EfficientZeroNet, sample: SampledPositions, env_steps: int,
-              target_version: int) -> TrainingBatch:
+              target_version: int, target_step: int = 0) -> TrainingBatch:
         """A complete training batch for `sample`, with targets from `target_model` (in eval
-        mode), at a moment when `env_steps` environment steps have been collected."""
+        mode; its weights published at training step `target_step`), at a moment when
+        `env_steps` environment steps have been collected."""
         cfg, rp = self.cfg, self.replay
         K = cfg.learner.unroll_steps
         t = sample.positions
@@ -150,7 +203,7 @@ class Reanalyser:
             value_targets=self.value_targets(target_model, pos, horizon),
             value_prefix_targets=value_prefix_targets(rewards, has_action[:, :K],
                                                       cfg.learner.value_prefix_horizon),
-            policy_targets=self.policy_targets(target_model, pos, has_action),
+            policy_targets=self.policy_targets(target_model, pos, has_action, target_step),
             masks=masks,
             weights=sample.weights,
             positions=t,

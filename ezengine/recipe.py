@@ -119,9 +119,10 @@ def collector_seed(cfg: Config, index: int, env_steps: int = 0) -> int:
     return cfg.run.seed + 1000 * (index + 1) + env_steps
 
 
-def reanalyse_seed(cfg: Config) -> int:
-    """Root noise of re-searched policy targets and the padding actions."""
-    return cfg.run.seed + 1
+def reanalysis_part_seed(cfg: Config, part: int) -> int:
+    """Root noise of part `part` of every batch's re-searched policy targets; part 0's
+    (the replay owner's) also seeds the padding actions."""
+    return cfg.run.seed + 1 if part == 0 else cfg.run.seed + 100 + part
 
 
 def sampling_seed(cfg: Config) -> int:

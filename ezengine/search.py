@@ -43,8 +43,13 @@ class SearchResult:
 
     def policies(self) -> np.ndarray:
         """float32 [B, A]: visit distributions N(a) / sum N, the policy targets."""
-        counts = self.visit_counts.astype(np.float32)
-        return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+        return visit_distribution(self.visit_counts)
+
+
+def visit_distribution(visit_counts: np.ndarray) -> np.ndarray:
+    """float32 [B, A]: N(a) / sum N of visit counts [B, A] (all zero for an unvisited row)."""
+    counts = visit_counts.astype(np.float32)
+    return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
 
 
 def select_actions(visit_counts: np.ndarray, temperature: float,

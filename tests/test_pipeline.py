@@ -389,3 +389,25 @@ def test_a_run_is_the_same_on_any_machine_and_in_serial(tmp_path):
     serial = trained("serial", "--serial")
     for other in (squeezed, serial):
         assert all(torch.equal(alone[k], other[k]) for k in alone)
+
+
+def test_reanalyse_helpers_search_parts_of_each_batch_and_change_no_result(tmp_path):
+    # run.reanalysers 3: the replay's owner and two helper processes share each batch's
+    # re-searches, part p always by helper p; the serial runner searches the same parts one
+    # after the other and gives the same weights, bit for bit.
+    args = ["configs/cartpole.yaml", "--env-steps", "800", "--seed", "4", *TINY,
+            "--set", "run.reanalysers=3", "--set", "learner.reanalyse_fraction=1.0"]
+
+    def trained(name: str, *extra: str) -> tuple[dict, str]:
+        run = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "-c", "from ezengine.cli import main; main()", "train", *args,
+             "--run-dir", str(run), *extra], cwd=ROOT, capture_output=True, text=True,
+            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["model"], proc.stdout
+
+    pipeline, out = trained("pipeline")
+    assert "processes: learner, evaluator, reanalyse, reanalyse-1, reanalyse-2, collector-0" in out
+    serial, _ = trained("serial", "--serial")
+    assert all(torch.equal(pipeline[k], serial[k]) for k in pipeline)

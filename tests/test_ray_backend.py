@@ -92,10 +92,12 @@ def test_a_killed_actor_stops_the_run_naming_it(tmp_path):
 
 def test_a_ray_run_is_the_local_run(tmp_path):
     # The timetable holds across backends: the same seed gives the same weights, bit for
-    # bit, through Ray actors and through the local processes.
+    # bit, through Ray actors and through the local processes (with a reanalyse helper,
+    # a Ray actor of its own, searching half of each batch's roots).
     def trained(name: str, backend: str) -> dict:
         args = [a if a != "ray" else backend for a in TINY]
-        proc = start([*args, "--env-steps", "600", "--run-dir", str(tmp_path / name)])
+        proc = start([*args, "--env-steps", "600", "--run-dir", str(tmp_path / name),
+                      "--set", "run.reanalysers=2"])
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
         return load_checkpoint(tmp_path / name / "checkpoints" / "latest.pt")["learner"]["model"]

@@ -16,6 +16,7 @@ from ezengine.frames import model_inputs
 from ezengine.model import build_model
 from ezengine.reanalyse import Reanalyser, td_horizon, value_prefix_targets
 from ezengine.replay import ReplayBuffer, SampledPositions
+from ezengine.search import BatchedSearch
 from ezengine.support import support_to_scalar
 
 A = 3
@@ -319,3 +320,45 @@ def test_policy_targets_all_stored_or_all_searched(fraction):
     is_stored = np.isclose(pt, [0.7, 0.2, 0.1]).all(-1)
     assert (is_stored == (has & (fraction == 0.0))).all()
     np.testing.assert_array_equal(pt[~has], 0.0)
+
+
+def test_reanalysis_parts_are_searched_by_their_own_seeded_search_here_or_by_helpers():
+    # Roots split with np.array_split into 1 + len(part_seeds) parts; part p always uses
+    # the search seeded for it, whether run here or by a helper process.
+    torch.manual_seed(2)
+    cfg = make_cfg(reanalyse_fraction=1.0).replace(search={"num_simulations": 32})
+    rb = standard_buffer()
+    model = build_model(cfg.model, (2,), A, frame_stack=1).eval()
+    positions = np.array([0, 1, 2, 3, 4, 13, 14])
+    frames = torch.from_numpy(rb.stacked_frames(positions))
+    expected = np.concatenate([
+        BatchedSearch.for_config(cfg, A, seed).run(model, part, add_noise=True).visit_counts
+        for seed, part in zip([5, 11, 12], torch.tensor_split(frames, 3), strict=True)])
+
+    here = Reanalyser(cfg, rb, A, seed=5, part_seeds=[11, 12])
+    np.testing.assert_array_equal(here.search_visits(model, positions, target_step=0), expected)
+
+    class Helpers:
+        """Helper processes' searches, stood in by searches in this process."""
+
+        def __init__(self) -> None:
+            self.searches = {p: BatchedSearch.for_config(cfg, A, seed)
+                             for p, seed in [(1, 11), (2, 12)]}
+            self.sent: dict[int, tuple[int, np.ndarray]] = {}
+
+        def send(self, part: int, target_step: int, obs: np.ndarray) -> None:
+            self.sent[part] = (target_step, obs)
+
+        def receive(self, part: int) -> np.ndarray:
+            obs = torch.from_numpy(self.sent[part][1])
+            return self.searches[part].run(model, obs, add_noise=True).visit_counts
+
+    helpers = Helpers()
+    away = Reanalyser(cfg, rb, A, seed=5, part_seeds=[11, 12], helpers=helpers)
+    np.testing.assert_array_equal(away.search_visits(model, positions, target_step=40),
+                                  expected)
+    assert [(p, step, len(obs)) for p, (step, obs) in sorted(helpers.sent.items())] == [
+        (1, 40, 2), (2, 40, 2)]  # 7 roots: parts of 3, 2 and 2
+    # A different seed for a part gives different noise: the parts' seeds matter.
+    other = Reanalyser(cfg, rb, A, seed=5, part_seeds=[11, 99])
+    assert not np.array_equal(other.search_visits(model, positions, target_step=0), expected)

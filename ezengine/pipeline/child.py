@@ -16,16 +16,25 @@ from ezengine.device import configure_torch
 from ezengine.pipeline.collector_role import run_collector
 from ezengine.pipeline.evaluator_role import run_evaluator
 from ezengine.pipeline.learner_role import run_learner
-from ezengine.pipeline.replay_role import run_reanalyse
+from ezengine.pipeline.replay_role import run_reanalyse, run_reanalyse_helper
 from ezengine.pipeline.shared_memory import ATTACHED, SharedMemoryTransport
-from ezengine.pipeline.spec import PipelineSpec
-from ezengine.pipeline.transport import Stopped
+from ezengine.pipeline.spec import PipelineSpec, role_name
+from ezengine.pipeline.transport import Stopped, Transport
 from ezengine.rings import (
     SharedCounters,
     unlink_segments,
 )
 
-ROLES = {"learner": run_learner, "reanalyse": run_reanalyse, "evaluator": run_evaluator}
+
+def run_role(role: str, index: int, spec: PipelineSpec, transport: Transport) -> None:
+    """Run role `role` number `index` (see PipelineTrainer.roles) through `transport`."""
+    if role == "collector":
+        run_collector(spec, index, transport)
+    elif role == "reanalyse" and index > 0:
+        run_reanalyse_helper(spec, index, transport)
+    else:
+        {"learner": run_learner, "reanalyse": run_reanalyse,
+         "evaluator": run_evaluator}[role](spec, transport)
 
 
 def set_process_name(name: str) -> None:
@@ -70,15 +79,11 @@ def child_main(role: str, index: int, spec: PipelineSpec, errors: Any) -> None:
     _INTERRUPTIBLE = role == "evaluator"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     follow_supervisor(spec.supervisor_pid)
-    name = f"{role}-{index}" if role == "collector" else role
+    name = role_name(role, index)
     set_process_name(f"ez-{name}")
     configure_torch(threads=1)
     try:
-        transport = SharedMemoryTransport(spec)
-        if role == "collector":
-            run_collector(spec, index, transport)
-        else:
-            ROLES[role](spec, transport)
+        run_role(role, index, spec, SharedMemoryTransport(spec))
     except Stopped:
         pass
     except DiskFullError as exc:  # the user's to fix: one line, no traceback

@@ -45,3 +45,24 @@ def priority_layout(cfg: Config) -> Layout:
     b = cfg.learner.batch_size
     return [("step", (1,), np.dtype(np.int64)), ("positions", (b,), np.dtype(np.int64)),
             ("priorities", (b,), np.dtype(np.float64))]
+
+
+def reanalysis_part_size(cfg: Config) -> int:
+    """The most roots one part of a batch's re-searched roots can hold (np.array_split's
+    largest part of every position of a batch)."""
+    roots = cfg.learner.batch_size * (cfg.learner.unroll_steps + 1)
+    return -(-roots // cfg.run.reanalysers)
+
+
+def reanalysis_job_layout(cfg: Config, env: EnvDescription) -> Layout:
+    """The replay owner's job for a reanalyse helper: the target weights' training step and
+    up to reanalysis_part_size stacked observations (`count` of them used)."""
+    shape = stacked_shape(env.frame_shape, cfg.env.frame_stack)
+    return [("target_step", (1,), np.dtype(np.int64)), ("count", (1,), np.dtype(np.int64)),
+            ("obs", (reanalysis_part_size(cfg), *shape), np.dtype(env.frame_dtype))]
+
+
+def reanalysis_result_layout(cfg: Config, env: EnvDescription) -> Layout:
+    """A helper's answer: the visit counts of its job's roots (the job's `count` rows)."""
+    return [("count", (1,), np.dtype(np.int64)),
+            ("visit_counts", (reanalysis_part_size(cfg), env.num_actions), np.dtype(np.int32))]

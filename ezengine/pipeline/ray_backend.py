@@ -19,7 +19,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import numpy as np
@@ -56,8 +56,14 @@ class Hub:
                      for i in range(spec.num_collectors)]
         self.records: list[deque] = [deque() for _ in range(spec.num_collectors)]
         self.ended = [False] * spec.num_collectors
-        self.batches: deque = deque()
-        self.priorities: deque = deque()
+        # Bounded queues by name: batches and priorities (RING_SLOTS), and each reanalyse
+        # helper's jobs and results (one slot each, as the local rings).
+        self.queues: dict[str, deque] = {"batches": deque(), "priorities": deque()}
+        self.slots = {"batches": RING_SLOTS["batches"], "priorities": RING_SLOTS["priorities"]}
+        for p in range(1, cfg.run.reanalysers):
+            for name in (f"jobs-{p}", f"results-{p}"):
+                self.queues[name] = deque()
+                self.slots[name] = 1
         self.weights: dict[str, dict[int, np.ndarray]] = {"selfplay": {}, "target": {}}
         self.eval: tuple[int, np.ndarray] | None = None
         self.counters: dict[str, float] = {name: 0 for name in INT_COUNTERS}
@@ -108,11 +114,11 @@ class Hub:
         await self._notify()
         return record
 
-    # -------------------------------------------------------------- batches, priorities
+    # ------------------------------------------- batches, priorities, reanalysis jobs
 
     async def put(self, name: str, item: Any, timeout: float) -> bool:
-        queue = getattr(self, name)
-        slots = RING_SLOTS[name]
+        queue = self.queues[name]
+        slots = self.slots[name]
         if not await self._wait(lambda: len(queue) < slots, timeout):
             return False
         queue.append(item)
@@ -120,7 +126,7 @@ class Hub:
         return True
 
     async def take(self, name: str, timeout: float) -> Any:
-        queue = getattr(self, name)
+        queue = self.queues[name]
         if not await self._wait(lambda: bool(queue), timeout):
             return None
         item = queue.popleft()
@@ -288,6 +294,18 @@ class RayTransport:
     def take_priorities(self, timeout: float) -> tuple[int, np.ndarray, np.ndarray]:
         return self._take("priorities", timeout)
 
+    def put_reanalysis_job(self, part: int, target_step: int, obs: np.ndarray) -> bool:
+        return self._put(f"jobs-{part}", (target_step, obs))
+
+    def take_reanalysis_job(self, part: int, timeout: float) -> tuple[int, np.ndarray]:
+        return self._take(f"jobs-{part}", timeout)
+
+    def put_reanalysis_result(self, part: int, visit_counts: np.ndarray) -> bool:
+        return self._put(f"results-{part}", visit_counts)
+
+    def take_reanalysis_result(self, part: int, timeout: float) -> np.ndarray:
+        return self._take(f"results-{part}", timeout)
+
     def publish(self, kind: str, state: Mapping[str, torch.Tensor], step: int) -> None:
         self._call(self.hub.publish, kind, flatten_state(state), step)
 
@@ -335,16 +353,10 @@ class RoleActor:
         return f"pid {os.getpid()} on {socket.gethostname()}"
 
     def run(self) -> None:
-        from ezengine.pipeline.child import ROLES
-        from ezengine.pipeline.collector_role import run_collector
+        from ezengine.pipeline.child import run_role
 
-        try:
-            if self.role == "collector":
-                run_collector(self.spec, self.index, self.transport)
-            else:
-                ROLES[self.role](self.spec, self.transport)
-        except Stopped:
-            pass
+        with suppress(Stopped):
+            run_role(self.role, self.index, self.spec, self.transport)
 
 
 class ActorProcess:
@@ -413,7 +425,7 @@ class RayTrainer(PipelineTrainer):
             num_collectors=self.num_collectors, resume=self.resume, transitions=[],
             batches=None, priorities=None, counters=None, selfplay_weights=[],
             target_weights=[], eval_weights=None, search_requests=[], search_results=[],
-            prefix="", supervisor_pid=os.getpid())
+            reanalysis_jobs=[], reanalysis_results=[], prefix="", supervisor_pid=os.getpid())
         cpus = self.cfg.run.ray_actor_cpus
         # The hub, the learner and the evaluator write the run directory, and the replay's
         # owner (reanalyse) rebuilds from its transition logs on resume: this node's.
@@ -426,7 +438,9 @@ class RayTrainer(PipelineTrainer):
         actors: list[Any] = []
 
         def start(role: str, index: int, name: str) -> ActorProcess:
-            placement = here if role in ("learner", "reanalyse", "evaluator") else "DEFAULT"
+            # Collectors and reanalyse helpers only exchange arrays with the hub: anywhere.
+            placement = ("DEFAULT" if role == "collector" or (role == "reanalyse" and index)
+                         else here)
             actor = ray.remote(RoleActor).options(num_cpus=cpus,
                                                   scheduling_strategy=placement).remote(
                 role, index, spec, hub)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ezengine.batch import TrainingBatch
 from ezengine.collector import finished_games
@@ -26,21 +27,23 @@ from ezengine.pipeline.transport import (
     POLL_S,
     Closed,
     CpuClock,
+    Stopped,
     Timeout,
     Transport,
 )
-from ezengine.reanalyse import Reanalyser
+from ezengine.reanalyse import HelperSearches, Reanalyser
 from ezengine.recipe import (
     BATCH_LEAD,
     build_network,
     build_replay,
     paced_training_steps,
-    reanalyse_seed,
+    reanalysis_part_seed,
     recent_returns,
     sample_batch_positions,
     sampling_seed,
     total_training_steps,
 )
+from ezengine.search import BatchedSearch
 
 
 class ReplayOwner:
@@ -56,18 +59,21 @@ class ReplayOwner:
         env: the environment's description.
         num_collectors: how many collectors feed the replay.
         trained: training steps already done (a resumed run's checkpoint).
+        helpers: the reanalyse helpers' searches (None: every part searched here).
     """
 
     def __init__(self, cfg: Config, env: EnvDescription, num_collectors: int,
-                 trained: int = 0) -> None:
+                 trained: int = 0, helpers: HelperSearches | None = None) -> None:
         self.cfg = cfg
         self.env = env
         self.n = cfg.env.num_envs
         self.replay = build_replay(cfg, env, writers=num_collectors * self.n)
         self.env_steps = [0] * num_collectors
         self.recent = recent_returns()
-        self.reanalyser = Reanalyser(cfg, self.replay, env.num_actions,
-                                     seed=reanalyse_seed(cfg))
+        self.reanalyser = Reanalyser(
+            cfg, self.replay, env.num_actions, seed=reanalysis_part_seed(cfg, 0),
+            part_seeds=[reanalysis_part_seed(cfg, p) for p in range(1, cfg.run.reanalysers)],
+            helpers=helpers)
         self.rng = np.random.default_rng(sampling_seed(cfg))
         self.total_train = total_training_steps(cfg)
         self.next_batch = trained + 1
@@ -113,16 +119,39 @@ class ReplayOwner:
         self.replay.update_priorities(positions, priorities)
         self.priorities_through = step
 
-    def build(self, target: EfficientZeroNet, target_version: int) -> TrainingBatch:
-        """The next batch (beta of its training step), reanalysed with `target`."""
+    def build(self, target: EfficientZeroNet, target_version: int, target_step: int = 0
+              ) -> TrainingBatch:
+        """The next batch (beta of its training step), reanalysed with `target` (the
+        weights published at training step `target_step`)."""
         if self.priorities_through < self.lead_step:
             raise RuntimeError(f"batch {self.next_batch} needs the priorities of training "
                                f"step {self.lead_step}; it has those up to "
                                f"{self.priorities_through}")
         sample = sample_batch_positions(self.cfg, self.replay, self.next_batch - 1, self.rng)
-        batch = self.reanalyser.build(target, sample, self.total_env_steps, target_version)
+        batch = self.reanalyser.build(target, sample, self.total_env_steps, target_version,
+                                      target_step)
         self.next_batch += 1
         return batch
+
+
+class TransportHelpers:
+    """HelperSearches through a Transport: part p goes to the reanalyse helper p."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def send(self, part: int, target_step: int, obs: np.ndarray) -> None:
+        if not self.transport.put_reanalysis_job(part, target_step, obs):
+            raise Stopped("the run stopped while a reanalysis job was pending")
+
+    def receive(self, part: int) -> np.ndarray:
+        while True:
+            try:
+                return self.transport.take_reanalysis_result(part, timeout=1.0)
+            except Timeout:
+                if self.transport.counters["stop"]:
+                    raise Stopped("the run stopped while a reanalysis job was pending"
+                                  ) from None
 
 
 class ReplayWorker:
@@ -137,8 +166,9 @@ class ReplayWorker:
                  device: Any = "cpu") -> None:
         self.transport = transport
         self.counters = transport.counters
+        helpers = TransportHelpers(transport) if cfg.run.reanalysers > 1 else None
         self.owner = ReplayOwner(cfg, spec.env, spec.num_collectors,
-                                 trained=self.counters["train_steps"])
+                                 trained=self.counters["train_steps"], helpers=helpers)
         if spec.resume:
             self.owner.rebuild(spec.run_dir)
         self.collecting = True
@@ -185,7 +215,7 @@ class ReplayWorker:
         step = max(self.owner.lead_step, 0)
         self.transport.wait_for_training(step)
         self.target_step = self.transport.load("target", self.target, step, self.target_step)
-        return self.owner.build(self.target, self.target_step or 0)
+        return self.owner.build(self.target, self.target_step or 0, self.target_step or 0)
 
     def next_batch(self, timeout: float) -> TrainingBatch | None:
         """Do the next piece of work in the timetable; the batch if it was one, else None
@@ -211,3 +241,24 @@ def run_reanalyse(spec: PipelineSpec, transport: Transport) -> None:
         if not transport.put_batch(batch):
             return
         counters.add("batches")
+
+
+def run_reanalyse_helper(spec: PipelineSpec, part: int, transport: Transport) -> None:
+    """Search part `part` of every batch's re-searched roots for the replay's owner, with
+    the target weights it names and the search seed of that part."""
+    cfg = spec.cfg()
+    model = build_network(cfg, spec.env)
+    search = BatchedSearch.for_config(cfg, spec.env.num_actions, reanalysis_part_seed(cfg, part))
+    loaded: int | None = None
+    counters = transport.counters
+    clock = CpuClock(counters, "reanalyse")
+    while not counters["stop"] and not counters["learner_done"]:
+        clock.tick()
+        try:
+            target_step, obs = transport.take_reanalysis_job(part, timeout=0.5)
+        except Timeout:
+            continue
+        loaded = transport.load("target", model, target_step, loaded)
+        visits = search.run(model, torch.from_numpy(obs), add_noise=True).visit_counts
+        if not transport.put_reanalysis_result(part, visits):
+            return

@@ -154,6 +154,36 @@ class SharedMemoryTransport:
     def wait_for_training(self, step: int) -> None:
         poll_for_training(self.counters, step)
 
+    # ------------------------------------------------------------------ reanalyse helpers
+
+    def put_reanalysis_job(self, part: int, target_step: int, obs: np.ndarray) -> bool:
+        ring = self._ring(self.spec.reanalysis_jobs[part - 1])
+
+        def put() -> None:
+            with ring.write(timeout=1.0) as slot:
+                slot["target_step"][0] = target_step
+                slot["count"][0] = len(obs)
+                slot["obs"][:len(obs)] = obs
+        return retry_until_stopped(put, self.counters)
+
+    def take_reanalysis_job(self, part: int, timeout: float) -> tuple[int, np.ndarray]:
+        with self._ring(self.spec.reanalysis_jobs[part - 1]).read(timeout=timeout) as slot:
+            count = int(slot["count"][0])
+            return int(slot["target_step"][0]), np.array(slot["obs"][:count])
+
+    def put_reanalysis_result(self, part: int, visit_counts: np.ndarray) -> bool:
+        ring = self._ring(self.spec.reanalysis_results[part - 1])
+
+        def put() -> None:
+            with ring.write(timeout=1.0) as slot:
+                slot["count"][0] = len(visit_counts)
+                slot["visit_counts"][:len(visit_counts)] = visit_counts
+        return retry_until_stopped(put, self.counters)
+
+    def take_reanalysis_result(self, part: int, timeout: float) -> np.ndarray:
+        with self._ring(self.spec.reanalysis_results[part - 1]).read(timeout=timeout) as slot:
+            return np.array(slot["visit_counts"][:int(slot["count"][0])])
+
     # ------------------------------------------------------------------ remote searches
 
     def search(self, collector: int, obs: np.ndarray) -> SearchResult:

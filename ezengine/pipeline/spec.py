@@ -32,6 +32,12 @@ CPU_COUNTERS = tuple(f"cpu_{role}_s" for role in ROLES)
 FLOAT_COUNTERS = ("recent_return", "learner_wait_s", *METRIC_SUMS, *CPU_COUNTERS)
 
 
+def role_name(role: str, index: int) -> str:
+    """A process's name: collector-i, reanalyse (the replay's owner), reanalyse-p (helper
+    p), learner, evaluator."""
+    return f"{role}-{index}" if role == "collector" or index > 0 else role
+
+
 # Slots per ring: transitions (per collector; a full ring blocks its collector), batches
 # (how far reanalysis may build ahead of the learner), priorities (learner -> reanalyse).
 RING_SLOTS = {"transitions": 64, "batches": BATCH_LEAD, "priorities": 16}
@@ -55,6 +61,8 @@ class PipelineSpec:
     eval_weights: WeightsSpec
     search_requests: list[RingSpec]  # per collector; empty unless collector_inference=learner
     search_results: list[RingSpec]
+    reanalysis_jobs: list[RingSpec]  # per reanalyse helper (run.reanalysers - 1)
+    reanalysis_results: list[RingSpec]
     prefix: str  # every segment's name starts with it
     supervisor_pid: int
 

@@ -20,6 +20,8 @@ from ezengine.pipeline.child import child_main
 from ezengine.pipeline.layouts import (
     batch_layout,
     priority_layout,
+    reanalysis_job_layout,
+    reanalysis_result_layout,
     search_request_layout,
     search_result_layout,
     transition_layout,
@@ -31,6 +33,7 @@ from ezengine.pipeline.spec import (
     RING_SLOTS,
     ROLES,
     PipelineSpec,
+    role_name,
 )
 from ezengine.pipeline.transition_log import TransitionLog, log_path
 from ezengine.pipeline.weights import HISTORY_SLOTS, state_size
@@ -134,14 +137,14 @@ class PipelineTrainer:
         blocks: list[Any] = []
         self.metrics = MetricsWriter(self.run_dir)
         try:
-            def per_collector(layout: list, slots: int, name: str, count: int) -> list[Ring]:
-                """One ring per collector; `name` has a {} for the collector index."""
+            def per_index(layout: list, slots: int, name: str, indices: range) -> list[Ring]:
+                """One ring per collector (or helper); `name` has a {} for its index."""
                 return [Ring.create(prefix, SlotLayout(layout), slots, name=name.format(i))
-                        for i in range(count)]
+                        for i in indices]
 
-            transitions = per_collector(transition_layout(cfg, env), RING_SLOTS["transitions"],
-                                        "transitions: collector-{} -> reanalyse",
-                                        self.num_collectors)
+            transitions = per_index(transition_layout(cfg, env), RING_SLOTS["transitions"],
+                                    "transitions: collector-{} -> reanalyse",
+                                    range(self.num_collectors))
             batches = Ring.create(prefix, SlotLayout(batch_layout(cfg, env)),
                                   RING_SLOTS["batches"], name="batches: reanalyse -> learner")
             priorities = Ring.create(prefix, SlotLayout(priority_layout(cfg)),
@@ -154,13 +157,21 @@ class PipelineTrainer:
             eval_weights = SharedWeights.create(prefix, size, name="eval weights")
             remote_collectors = (self.num_collectors
                                  if cfg.run.collector_inference == "learner" else 0)
-            requests = per_collector(search_request_layout(cfg, env), 1,
-                                     "search requests: collector-{} -> learner", remote_collectors)
-            results = per_collector(search_result_layout(cfg, env), 1,
-                                    "search results: learner -> collector-{}", remote_collectors)
+            requests = per_index(search_request_layout(cfg, env), 1,
+                                 "search requests: collector-{} -> learner",
+                                 range(remote_collectors))
+            results = per_index(search_result_layout(cfg, env), 1,
+                                "search results: learner -> collector-{}",
+                                range(remote_collectors))
+            # Helper p (1..) searches part p of each batch; part 0 is the replay owner's.
+            helpers = range(1, cfg.run.reanalysers)
+            jobs = per_index(reanalysis_job_layout(cfg, env), 1,
+                             "reanalysis jobs: reanalyse -> reanalyse-{}", helpers)
+            answers = per_index(reanalysis_result_layout(cfg, env), 1,
+                                "reanalysis results: reanalyse-{} -> reanalyse", helpers)
             blocks = [*transitions, batches, priorities, counters, *histories["selfplay"],
                       *histories["target"], eval_weights,
-                      *requests, *results]
+                      *requests, *results, *jobs, *answers]
             self.rings = {"transitions": transitions, "batches": [batches]}
             counters["train_steps"], counters["replay_env_steps"] = resume_from
             spec = PipelineSpec(
@@ -172,7 +183,9 @@ class PipelineTrainer:
                 target_weights=[b.spec for b in histories["target"]],
                 eval_weights=eval_weights.spec,
                 search_requests=[r.spec for r in requests],
-                search_results=[r.spec for r in results], prefix=prefix,
+                search_results=[r.spec for r in results],
+                reanalysis_jobs=[r.spec for r in jobs],
+                reanalysis_results=[r.spec for r in answers], prefix=prefix,
                 supervisor_pid=os.getpid())
             return self._supervise(spec, counters)
         finally:
@@ -203,6 +216,7 @@ class PipelineTrainer:
         roles = [("learner", 0), ("evaluator", 0)]
         if not reanalyse_in_learner(self.cfg):
             roles.append(("reanalyse", 0))
+        roles += [("reanalyse", p) for p in range(1, self.cfg.run.reanalysers)]
         return roles + [("collector", i) for i in range(self.num_collectors)]
 
     def _supervise(self, spec: PipelineSpec, counters: SharedCounters) -> int:
@@ -224,7 +238,7 @@ class PipelineTrainer:
         old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for role, index in self.roles():
-                name = f"{role}-{index}" if role == "collector" else role
+                name = role_name(role, index)
                 procs[name] = start(role, index, name)
             self.echo(f"run dir {self.run_dir} | {self.cfg.env.id} | processes: "
                       f"{', '.join(procs)} | {self.cfg.run.env_steps:,} env steps, "

@@ -94,6 +94,18 @@ class Transport(Protocol):
         has finished, or the run stops)."""
         ...
 
+    # the replay's owner -> reanalyse helper p (p >= 1) and back: part p of a batch's
+    # re-searched roots (run.reanalysers)
+    def put_reanalysis_job(self, part: int, target_step: int, obs: np.ndarray) -> bool: ...
+
+    def take_reanalysis_job(self, part: int, timeout: float) -> tuple[int, np.ndarray]:
+        """(target_step, stacked observations) of helper `part`'s next job."""
+        ...
+
+    def put_reanalysis_result(self, part: int, visit_counts: np.ndarray) -> bool: ...
+
+    def take_reanalysis_result(self, part: int, timeout: float) -> np.ndarray: ...
+
     # collector i's searches run by the model owner (run.collector_inference: learner)
     def search(self, collector: int, obs: np.ndarray) -> SearchResult:
         """Send stacked observations, wait for the result; `Stopped` if the run stops."""
