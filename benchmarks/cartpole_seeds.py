@@ -8,11 +8,12 @@ line per run to the output file (so a long study can be stopped and continued).
 
 Modes: `pipeline` (the default run, alone on the machine), `one-core` (the pipeline confined
 to one CPU with `taskset -c N`), `neighbour` (the pipeline beside a process that keeps one
-core busy), `serial` (`--serial` pinned to CPU N). N is `--cpu` (1 by default). A run's
-result does not depend on timing (the timetable, docs/architecture.md), so two serial or
-one-core runs may share the machine, one per CPU; only their times then say nothing. A run
-already in the output file (same seed, mode and overrides) is skipped. `--table` prints the
-file as a Markdown table instead.
+core busy), `serial` (`--serial` pinned to CPU N). N is `--cpu` (1 by default). With
+`--beside TEXT` the neighbour is a CPU-heavy process already running (TEXT names it, in the
+row), not a busy loop. A run's result does not depend on timing (the timetable,
+docs/architecture.md), so two serial or one-core runs may share the machine, one per CPU;
+only their times then say nothing. A run already in the output file (same seed, mode and
+overrides) is skipped. `--table` prints the file as a Markdown table instead.
 """
 
 from __future__ import annotations
@@ -54,14 +55,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def one_run(mode: str, seed: int, overrides: list[str], keep: Path | None,
-            serial_cpu: int = 1) -> dict:
+            serial_cpu: int = 1, beside: str | None = None) -> dict:
     """Train, then score with `ezengine eval --episodes 20`; the run's own record. The run
     directory is kept under `keep` (if given) for a closer look."""
     with tempfile.TemporaryDirectory(prefix="cartpole-") as tmp:
         name = "-".join([mode, f"seed{seed}", *overrides]).replace("/", "_")
         run_dir = (keep / name) if keep else Path(tmp) / "run"
         neighbour = (subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
-                     if mode == "neighbour" else None)
+                     if mode == "neighbour" and beside is None else None)
         try:
             t0 = time.perf_counter()
             proc = subprocess.run(train_command(mode, seed, run_dir, overrides, serial_cpu),
@@ -101,6 +102,8 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {mode} | {r['seed']} | error | | | | |")
             continue
         ev = " / ".join(f"{s // 1000}k: {v:g}" for s, v in r["evals"][:-1])
+        if r.get("neighbour", "busy loop") != "busy loop":
+            mode += f" ({r['neighbour']})"
         first = f"{r['first_475_env_steps']:,}" if r["first_475_env_steps"] else "never"
         lines.append(f"| {mode} | {r['seed']} | {ev} | {r['final_eval']:g} | "
                      f"**{r['eval_20']:g}** ({r['eval_20_at_500']}/20 at 500) | {first} | "
@@ -119,6 +122,9 @@ def main() -> None:
                         help="keep each run directory under this folder")
     parser.add_argument("--cpu", "--serial-cpu", dest="serial_cpu", type=int, default=1,
                         help="the CPU a serial or one-core run is pinned to")
+    parser.add_argument("--beside", default=None, metavar="TEXT",
+                        help="neighbour mode beside a CPU-heavy process already running "
+                             "(TEXT says which) instead of a busy loop started per run")
     parser.add_argument("--table", action="store_true", help="print the file as Markdown")
     args = parser.parse_args()
     if args.table:
@@ -131,7 +137,10 @@ def main() -> None:
                 continue
             row = {"mode": mode, "seed": seed, "overrides": args.overrides,
                    "load_before": Path("/proc/loadavg").read_text().split()[0],
-                   **one_run(mode, seed, args.overrides, args.keep, args.serial_cpu)}
+                   **({"neighbour": args.beside or "busy loop"} if mode == "neighbour"
+                      else {}),
+                   **one_run(mode, seed, args.overrides, args.keep, args.serial_cpu,
+                             args.beside)}
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
