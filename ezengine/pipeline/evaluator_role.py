@@ -3,8 +3,6 @@ appends the record to eval.jsonl."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from pathlib import Path
 
@@ -17,15 +15,9 @@ from ezengine.recipe import (
     evaluation_seed,
 )
 
-# Evaluation yields the CPU to the roles that train (whose work it only measures): on a
-# busy machine an evaluation takes longer, training does not.
-NICENESS = 10
-
 
 def run_evaluator(spec: PipelineSpec, transport: Transport) -> None:
     """Evaluate each model the learner publishes for evaluation; append to eval.jsonl."""
-    with contextlib.suppress(AttributeError, OSError):  # os.nice: POSIX only
-        os.nice(NICENESS)
     cfg = spec.cfg()
     counters = transport.counters
     model = build_network(cfg, spec.env)

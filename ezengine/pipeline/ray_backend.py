@@ -14,6 +14,7 @@ weights travel as numpy arrays through Ray's object store.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 import traceback
@@ -411,10 +412,22 @@ class RayTrainer(PipelineTrainer):
         ray = import_ray()
         address = self.cfg.run.ray_address or None
         started = not ray.is_initialized()
+        cpus = self.cfg.run.ray_actor_cpus
+        needed = len(self.roles()) * cpus
         if started:
-            # No dashboard and no extra logging setup: a local run needs neither.
+            # No dashboard and no extra logging setup: a local run needs neither. A local
+            # instance holds every actor, as the local backend starts every process.
             ray.init(address=address, include_dashboard=False, configure_logging=False,
-                     **({} if address else {"num_cpus": os.cpu_count()}))
+                     **({} if address else {"num_cpus": max(os.cpu_count() or 1,
+                                                            math.ceil(needed))}))
+        have = ray.cluster_resources().get("CPU", 0)
+        if have < needed:
+            self.echo(f"the Ray cluster has {have:g} CPUs; this run's {len(self.roles())} "
+                      f"actors reserve {cpus:g} each ({needed:g}): add nodes, or lower "
+                      "run.ray_actor_cpus, --collectors or run.reanalysers")
+            if started:
+                ray.shutdown()
+            return 1
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from ezengine.config import config_to_dict
@@ -426,7 +439,6 @@ class RayTrainer(PipelineTrainer):
             batches=None, priorities=None, counters=None, selfplay_weights=[],
             target_weights=[], eval_weights=None, search_requests=[], search_results=[],
             reanalysis_jobs=[], reanalysis_results=[], prefix="", supervisor_pid=os.getpid())
-        cpus = self.cfg.run.ray_actor_cpus
         # The hub, the learner and the evaluator write the run directory, and the replay's
         # owner (reanalyse) rebuilds from its transition logs on resume: this node's.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
