@@ -13,7 +13,8 @@ core busy), `serial` (`--serial` pinned to CPU N). N is `--cpu` (1 by default). 
 row), not a busy loop. A run's result does not depend on timing (the timetable,
 docs/architecture.md), so two serial or one-core runs may share the machine, one per CPU;
 only their times then say nothing. A run already in the output file (same seed, mode and
-overrides) is skipped. `--table` prints the file as a Markdown table instead.
+overrides) is skipped. `--table` prints the file as a Markdown table instead (`--by-seed`:
+one line per seed, the modes side by side).
 """
 
 from __future__ import annotations
@@ -111,6 +112,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def table_by_seed(rows: list[dict]) -> str:
+    """One line per seed: its evaluations (the same in every mode, or each mode's own where
+    they differ), first >= 475, and per mode `eval --episodes 20` and the time taken."""
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    lines = ["| seed | evaluations every 1,000 env steps (mean return) | first >= 475 | "
+             + " | ".join(f"{m}: `eval --episodes 20`, done in" for m in modes) + " |",
+             "|---|---|---|" + "---|" * len(modes)]
+    for seed in sorted({r["seed"] for r in rows}):
+        mine = {r["mode"]: r for r in rows if r["seed"] == seed and "error" not in r}
+        curves = {tuple(v for _, v in r["evals"]) for r in mine.values()}
+        firsts = {r["first_475_env_steps"] for r in mine.values()}
+        if len(curves) == 1:
+            curve = " / ".join(f"{v:g}" for v in next(iter(curves)))
+        else:
+            curve = "; ".join(f"{m}: " + " / ".join(f"{v:g}" for _, v in r["evals"])
+                              for m, r in mine.items())
+        first = " / ".join(f"{f:,}" if f else "never" for f in sorted(firsts, key=str))
+        cells = [f"**{mine[m]['eval_20']:g}** ({mine[m]['eval_20_at_500']}/20), "
+                 f"{mine[m]['done_in_s']} s" if m in mine else "" for m in modes]
+        lines.append(f"| {seed} | {curve} | {first} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -126,9 +150,12 @@ def main() -> None:
                         help="neighbour mode beside a CPU-heavy process already running "
                              "(TEXT says which) instead of a busy loop started per run")
     parser.add_argument("--table", action="store_true", help="print the file as Markdown")
+    parser.add_argument("--by-seed", action="store_true",
+                        help="with --table: one line per seed, the modes side by side")
     args = parser.parse_args()
     if args.table:
-        print(table(read_jsonl(args.out)))
+        rows = read_jsonl(args.out)
+        print(table_by_seed(rows) if args.by_seed else table(rows))
         return
     done = {(r["mode"], r["seed"], tuple(r["overrides"])) for r in read_jsonl(args.out)}
     for mode in args.modes:

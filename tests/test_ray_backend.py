@@ -27,11 +27,32 @@ TINY = ["configs/cartpole.yaml", "--backend", "ray", "--device", "cpu", "--seed"
         "--set", "run.checkpoint_interval=20", "--set", "model.lstm_hidden=16"]
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def stop_leftover_runs():
+    """A run a failed test left behind stops the orderly way (SIGTERM: its Ray instance
+    shuts down with it), so it does not load the machine for the tests after it."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def start(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-c", "from ezengine.cli import main; main()", "train", *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    STARTED.append(proc)
+    return proc
 
 
 def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float = 240.0) -> str:
