@@ -61,8 +61,8 @@ def _default_run_dir(config_path: Path) -> Path:
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Continue the run in this directory (its config, latest checkpoint and "
                    "replay logs); CONFIG is then not needed.")
-@click.option("--collectors", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Collector processes (multiprocessing mode).")
+@click.option("--collectors", type=click.IntRange(min=1), default=None,
+              help="Collector processes or actors (run.collectors) [default: 1].")
 @click.option("--serial", is_flag=True,
               help="Run collection, reanalyse and learning in one process (debugging, "
                    "profiling).")
@@ -74,7 +74,7 @@ def _default_run_dir(config_path: Path) -> Path:
                    "'auto'; without it a local Ray instance is started.")
 def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None,
           device: str | None, seed: int | None, run_dir: Path | None, resume_dir: Path | None,
-          collectors: int, serial: bool, backend: str | None, address: str | None) -> None:
+          collectors: int | None, serial: bool, backend: str | None, address: str | None) -> None:
     """Train an agent from a YAML CONFIG (for example configs/cartpole.yaml).
 
     By default collectors, a replay + reanalyse worker, the learner and an evaluator run as
@@ -97,6 +97,8 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
         extra.append(f"run.device={device}")
     if seed is not None:
         extra.append(f"run.seed={seed}")
+    if collectors is not None:
+        extra.append(f"run.collectors={collectors}")
     if backend is not None:
         extra.append(f"run.backend={backend}")
     if address is not None:
@@ -127,7 +129,8 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
         if serial:
             from ezengine.trainer import SerialTrainer
 
-            SerialTrainer(cfg, run_dir, echo=_echo_flush, num_collectors=collectors).run()
+            SerialTrainer(cfg, run_dir, echo=_echo_flush,
+                          num_collectors=cfg.run.collectors).run()
             return
         from ezengine.pipeline import PipelineTrainer
 
@@ -137,7 +140,7 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
 
             trainer = RayTrainer
         code = trainer(cfg, run_dir, echo=_echo_flush, resume=resume_dir is not None,
-                       num_collectors=collectors).run()
+                       num_collectors=cfg.run.collectors).run()
     except (RunDirError, DiskFullError) as exc:
         raise click.ClickException(str(exc)) from None
     if code != 0:

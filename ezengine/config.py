@@ -251,6 +251,9 @@ class RunConfig:
         "local", "where the pipeline's collectors search: 'local' (each collector's CPU copy "
         "of the published self-play weights) or 'learner' (the model owner runs their "
         "searches on the training device)", _choices("local", "learner"))
+    collectors: int = _f(
+        1, "collector processes (Ray actors with backend 'ray'), each stepping env.num_envs "
+        "environments; their records enter the replay in turn", _POSITIVE)
     reanalysers: int = _f(
         1, "processes that share each batch's reanalysis searches: the replay's owner and "
         "reanalysers - 1 helpers (Ray actors anywhere in the cluster with backend 'ray'); "
