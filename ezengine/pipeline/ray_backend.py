@@ -159,9 +159,11 @@ class Hub:
         self.counters[name] = value
         await self._notify()
 
-    def add_counters(self, deltas: Mapping[str, float]) -> None:
+    def add_counters(self, deltas: Mapping[str, float], values: Mapping[str, float]
+                     ) -> None:
         for name, delta in deltas.items():
             self.counters[name] += delta
+        self.counters.update(values)
 
     def counter(self, name: str) -> float:
         return self.counters[name]
@@ -181,27 +183,30 @@ class Hub:
 
 
 class HubCounters:
-    """The hub's counters behind the Counters interface, with few round trips: additions
-    are summed here and sent at most every FLUSH_S (and before any write), writes are sent
-    without waiting (a write that must follow another call is made after that call
-    returned: see RayTransport), and the two flags
-    every loop reads, "stop" and "learner_done", are re-read at most every FLUSH_S (they
-    only ever go from 0 to 1)."""
+    """The hub's counters behind the Counters interface, with few round trips: additions,
+    and writes of the counters only progress rows read (SHOWN), are gathered here and sent
+    together at most every FLUSH_S (and before any other write or read); other writes are
+    sent without waiting (a write that must follow another call is made after that call
+    returned: see RayTransport), and the two flags every loop reads, "stop" and
+    "learner_done", are re-read at most every FLUSH_S (they only ever go from 0 to 1)."""
 
     FLUSH_S = 0.05
     FLAGS = ("stop", "learner_done")
+    SHOWN = ("learner_wait_s", "replay_env_steps", "replay_positions", "recent_return",
+             "target_version")
 
     def __init__(self, hub: Any, ray: Any) -> None:
         self.hub = hub
         self.ray = ray
         self.pending: dict[str, float] = {}
+        self.pending_writes: dict[str, float] = {}
         self.flushed = time.monotonic()
         self.flags: dict[str, tuple[float, Any]] = {}
 
     def flush(self) -> None:
-        if self.pending:
-            self.hub.add_counters.remote(self.pending)
-            self.pending = {}
+        if self.pending or self.pending_writes:
+            self.hub.add_counters.remote(self.pending, self.pending_writes)
+            self.pending, self.pending_writes = {}, {}
         self.flushed = time.monotonic()
 
     def __getitem__(self, name: str) -> Any:
@@ -217,11 +222,18 @@ class HubCounters:
         return value
 
     def __setitem__(self, name: str, value: float) -> None:
+        if name in self.SHOWN:
+            self.pending_writes[name] = value
+            self._flush_due()
+            return
         self.flush()
         self.hub.set_counter.remote(name, value)
 
     def add(self, name: str, delta: float = 1) -> None:
         self.pending[name] = self.pending.get(name, 0) + delta
+        self._flush_due()
+
+    def _flush_due(self) -> None:
         if time.monotonic() - self.flushed >= self.FLUSH_S:
             self.flush()
 
@@ -356,8 +368,11 @@ class RoleActor:
     def run(self) -> None:
         from ezengine.pipeline.child import run_role
 
-        with suppress(Stopped):
-            run_role(self.role, self.index, self.spec, self.transport)
+        try:
+            with suppress(Stopped):
+                run_role(self.role, self.index, self.spec, self.transport)
+        finally:
+            self.transport.counters.flush()  # its last additions and progress writes
 
 
 class ActorProcess:
