@@ -49,6 +49,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 __all__ = [
+    "SLEEP_MIN",
     "CountersSpec",
     "Field",
     "Ring",
@@ -60,6 +61,7 @@ __all__ = [
     "SlotLayout",
     "SlotViews",
     "WeightsSpec",
+    "backoff",
     "run_prefix",
     "unlink_orphaned_segments",
     "unlink_segments",
@@ -67,7 +69,7 @@ __all__ = [
 
 ALIGN = 64  # cache line: fields start on their own line, and slots never share one
 DEFAULT_TIMEOUT = 60.0  # seconds a blocked call waits before naming the stuck side
-_SLEEP_MIN = 50e-6  # first poll interval: short so a busy pipeline sees little latency
+SLEEP_MIN = 50e-6  # first poll interval: short so a busy pipeline sees little latency
 _SLEEP_MAX = 2e-3  # back-off cap: an idle waiter costs ~nothing on a 2-core machine
 _SHM_DIR = "/dev/shm"  # where Linux (glibc) keeps POSIX shared-memory segments
 
@@ -84,7 +86,8 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _backoff(sleep: float) -> float:
+def backoff(sleep: float) -> float:
+    """Sleep `sleep` seconds; the next, doubled, poll interval (at most 2 ms)."""
     time.sleep(sleep)
     return min(sleep * 2.0, _SLEEP_MAX)
 
@@ -505,7 +508,7 @@ class Ring(_SharedBlock):
         if not hdr[_CLOSED] and w - int(hdr[_R]) < self.num_slots:
             return w
         deadline = None if timeout is None else time.monotonic() + timeout
-        sleep = _SLEEP_MIN
+        sleep = SLEEP_MIN
         while True:
             if hdr[_CLOSED]:
                 raise self._closed_error()
@@ -516,7 +519,7 @@ class Ring(_SharedBlock):
                     f"ring {self.name!r} (segment {self._segment_name}) has been full "
                     f"({self.num_slots}/{self.num_slots} slots) for {timeout:g} s: its "
                     "consumer is not reading")
-            sleep = _backoff(sleep)
+            sleep = backoff(sleep)
 
     @contextmanager
     def write(self, timeout: float | None = DEFAULT_TIMEOUT) -> Iterator[SlotViews]:
@@ -556,9 +559,9 @@ class Ring(_SharedBlock):
             return r
         self.blocked_reads += 1
         deadline = None if timeout is None else time.monotonic() + timeout
-        sleep = _SLEEP_MIN
+        sleep = SLEEP_MIN
         while True:
-            sleep = _backoff(sleep)
+            sleep = backoff(sleep)
             r = self._poll_read()
             if r is not None:
                 return r
@@ -777,7 +780,7 @@ class SharedWeights(_SharedBlock):
         if out.shape != (self.size,) or out.dtype != np.float32:
             raise ValueError(f"{self!r}: out must be float32 of shape ({self.size},), "
                              f"got {out.dtype} {out.shape}")
-        hdr, deadline, sleep = self._hdr, None, _SLEEP_MIN
+        hdr, deadline, sleep = self._hdr, None, SLEEP_MIN
         while True:
             seq = int(hdr[_SEQ])
             if not seq & 1:
@@ -791,7 +794,7 @@ class SharedWeights(_SharedBlock):
             elif now >= deadline:
                 raise RingTimeout(f"{self!r}: no consistent read in {timeout:g} s; the writer "
                                   "is stuck mid-publish or publishing continuously")
-            sleep = _backoff(sleep)
+            sleep = backoff(sleep)
 
     def read(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> tuple[int, np.ndarray]:
         """Return ``(version, a new float32 [size] copy)``."""

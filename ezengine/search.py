@@ -118,7 +118,7 @@ class BatchedSearch:
             self._forest_capacity = batch
         return self._forest
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, model: EfficientZeroNet, obs: Tensor, *, add_noise: bool,
             legal_actions: np.ndarray | None = None) -> SearchResult:
         """Search from a batch of observations.
@@ -142,27 +142,38 @@ class BatchedSearch:
         forest.reset_roots(root.policy_logits.float().cpu().numpy(), legal, noise,
                            noise_fraction=self.cfg.exploration_fraction if add_noise else 0.0)
         sims = self.cfg.num_simulations
+        # [S + 1, B, ...] stores viewed as [(S + 1) * B, ...]: the tree's (slot, root) pairs
+        # become flat row numbers for index_select, a cheaper gather than fancy indexing.
         latents = torch.empty((sims + 1, *root.latent.shape), dtype=root.latent.dtype,
                               device=device)
         latents[0] = root.latent
-        hidden = torch.zeros((sims + 1, batch, model.lstm_hidden), device=device)
-        cell = torch.zeros_like(hidden)
-        rows = torch.arange(batch, device=device)
+        hidden = torch.empty((sims + 1, batch, model.lstm_hidden), device=device)
+        cell = torch.empty_like(hidden)
+        hidden[0] = 0.0
+        cell[0] = 0.0
+        flat_latents = latents.view((sims + 1) * batch, *root.latent.shape[1:])
+        flat_hidden = hidden.view((sims + 1) * batch, model.lstm_hidden)
+        flat_cell = cell.view((sims + 1) * batch, model.lstm_hidden)
+        rows = np.arange(batch, dtype=np.int64)
         for s in range(sims):
             slot, action, reset = forest.select()
-            slot_t = torch.from_numpy(slot).to(device, torch.long, non_blocking=True)
-            keep = torch.from_numpy(~reset).to(device, non_blocking=True).unsqueeze(1)
-            # At a horizon reset point the value-prefix LSTM starts again from zeros.
-            h = (hidden[slot_t, rows] * keep).unsqueeze(0)
-            c = (cell[slot_t, rows] * keep).unsqueeze(0)
+            flat = torch.from_numpy(slot.astype(np.int64) * batch + rows).to(device,
+                                                                             non_blocking=True)
+            h = flat_hidden.index_select(0, flat)
+            c = flat_cell.index_select(0, flat)
+            if reset.any():
+                # At a horizon reset point the value-prefix LSTM starts again from zeros.
+                keep = torch.from_numpy(~reset).to(device, non_blocking=True).unsqueeze(1)
+                h = h * keep
+                c = c * keep
             out = model.recurrent_inference(
-                latents[slot_t, rows], (h, c),
+                flat_latents.index_select(0, flat), (h.unsqueeze(0), c.unsqueeze(0)),
                 torch.from_numpy(action).to(device, torch.long, non_blocking=True))
             latents[s + 1] = out.latent
             hidden[s + 1] = out.lstm_state[0][0]
             cell[s + 1] = out.lstm_state[1][0]
-            scalars = torch.stack([support_to_scalar(out.value_prefix_logits, support),
-                                   support_to_scalar(out.value_logits, support)]).cpu().numpy()
+            scalars = support_to_scalar(
+                torch.stack([out.value_prefix_logits, out.value_logits]), support).cpu().numpy()
             forest.expand(scalars[0], scalars[1], out.policy_logits.float().cpu().numpy())
         return SearchResult(forest.visit_counts(), forest.root_values(),
                             predicted.float().cpu().numpy())

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ezengine.batch import TrainingBatch
+from ezengine.rings import SLEEP_MIN, backoff
 from ezengine.rings import RingClosed as Closed
 from ezengine.rings import RingTimeout as Timeout
 from ezengine.search import SearchResult
@@ -131,10 +132,12 @@ class CpuClock:
 
 
 def poll_for_training(counters: Counters, step: int) -> None:
-    """Transport.wait_for_training by polling shared counters."""
+    """Transport.wait_for_training by polling shared counters, backing off to 2 ms: a
+    collector spends most of its time here, and a fast poll costs the busy roles CPU."""
+    sleep = SLEEP_MIN
     while (counters["train_steps"] < step and not counters["learner_done"]
            and not counters["stop"]):
-        time.sleep(POLL_S)
+        sleep = backoff(sleep)
 
 
 def retry_until_stopped(put: Callable[[], Any], counters: Counters) -> bool:
