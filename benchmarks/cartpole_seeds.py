@@ -13,8 +13,10 @@ core busy), `serial` (`--serial` pinned to CPU N). N is `--cpu` (1 by default). 
 row), not a busy loop. A run's result does not depend on timing (the timetable,
 docs/architecture.md), so two serial or one-core runs may share the machine, one per CPU;
 only their times then say nothing. A run already in the output file (same seed, mode and
-overrides) is skipped. `--table` prints the file as a Markdown table instead (`--by-seed`:
-one line per seed, the modes side by side).
+overrides) is skipped. Each row records the commit it ran with; rows carried over from an
+earlier study with `"timed_at": COMMIT` have their times marked in the table. `--table`
+prints the file as a Markdown table instead (`--by-seed`: one line per seed, the modes side
+by side).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ def train_command(mode: str, seed: int, run_dir: Path, overrides: list[str],
     if mode == "one-core":
         cmd = ["taskset", "-c", str(serial_cpu), *cmd]
     return cmd
+
+
+def current_commit() -> str:
+    """The checked-out commit (short hash) the runs are made with; "+" if files differ."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+" if dirty else "")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -116,6 +127,13 @@ def table_by_seed(rows: list[dict]) -> str:
     """One line per seed: its evaluations (the same in every mode, or each mode's own where
     they differ), first >= 475, and per mode `eval --episodes 20` and the time taken."""
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    # Rows carried over from an earlier study keep their old times ("timed_at": the
+    # commit they ran with): marked, since a time depends on the code.
+    older = {r["timed_at"] for r in rows if "timed_at" in r}
+
+    def mark(row: dict) -> str:
+        return "\u2020" if "timed_at" in row else ""
+
     lines = ["| seed | evaluations every 1,000 env steps (mean return) | first >= 475 | "
              + " | ".join(f"{m}: `eval --episodes 20`, done in" for m in modes) + " |",
              "|---|---|---|" + "---|" * len(modes)]
@@ -130,8 +148,13 @@ def table_by_seed(rows: list[dict]) -> str:
                               for m, r in mine.items())
         first = " / ".join(f"{f:,}" if f else "never" for f in sorted(firsts, key=str))
         cells = [f"**{mine[m]['eval_20']:g}** ({mine[m]['eval_20_at_500']}/20), "
-                 f"{mine[m]['done_in_s']} s" if m in mine else "" for m in modes]
+                 f"{mine[m]['done_in_s']} s{mark(mine[m])}" if m in mine else ""
+                 for m in modes]
         lines.append(f"| {seed} | {curve} | {first} | " + " | ".join(cells) + " |")
+    if older:
+        lines += ["", "\u2020 timed with the code of commit " + ", ".join(sorted(older))
+                  + ", before a faster search driver: the same training and evaluations, "
+                  "a longer time."]
     return "\n".join(lines)
 
 
@@ -163,6 +186,7 @@ def main() -> None:
             if (mode, seed, tuple(args.overrides)) in done:
                 continue
             row = {"mode": mode, "seed": seed, "overrides": args.overrides,
+                   "commit": current_commit(),
                    "load_before": Path("/proc/loadavg").read_text().split()[0],
                    **({"neighbour": args.beside or "busy loop"} if mode == "neighbour"
                       else {}),
