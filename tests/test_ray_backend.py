@@ -125,3 +125,35 @@ def test_a_ray_run_is_the_local_run(tmp_path):
 
     local, ray = trained("local", "local"), trained("ray", "ray")
     assert all(torch.equal(local[k], ray[k]) for k in local)
+
+
+def test_the_hub_queues_puts_in_their_order_whatever_order_they_run_in(tmp_path):
+    # RayTransport sends a put without waiting for the one before it, and an async actor
+    # may run one caller's calls out of order: the numbers the puts carry keep the queue
+    # in the order they were sent (priorities out of order would stop the run).
+    import asyncio
+
+    from ezengine.config import config_to_dict, load_config
+    from ezengine.envs import EnvDescription
+    from ezengine.pipeline.ray_backend import Hub
+    from ezengine.pipeline.spec import PipelineSpec
+
+    spec = PipelineSpec(
+        config=config_to_dict(load_config(ROOT / "configs/cartpole.yaml")),
+        run_dir=str(tmp_path), env=EnvDescription((4,), "float32", 2), num_collectors=1,
+        resume=False, transitions=[], batches=None, priorities=None, counters=None,
+        selfplay_weights=[], target_weights=[], eval_weights=None, search_requests=[],
+        search_results=[], reanalysis_jobs=[], reanalysis_results=[], prefix="",
+        supervisor_pid=os.getpid())
+
+    async def scenario() -> list:
+        hub = Hub(spec, {})
+        later = [asyncio.create_task(hub.put("priorities", seq, f"step {seq + 1}"))
+                 for seq in (2, 1)]
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in later)  # waiting for put 0
+        assert await hub.put("priorities", 0, "step 1")
+        assert all(await asyncio.gather(*later))
+        return [await hub.take("priorities", 0.1) for _ in range(3)]
+
+    assert asyncio.run(scenario()) == ["step 1", "step 2", "step 3"]

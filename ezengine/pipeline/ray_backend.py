@@ -14,6 +14,7 @@ weights travel as numpy arrays through Ray's object store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import time
@@ -65,6 +66,7 @@ class Hub:
             for name in (f"jobs-{p}", f"results-{p}"):
                 self.queues[name] = deque()
                 self.slots[name] = 1
+        self.put_seq = {name: 0 for name in self.queues}
         self.weights: dict[str, dict[int, np.ndarray]] = {"selfplay": {}, "target": {}}
         self.eval: tuple[int, np.ndarray] | None = None
         self.counters: dict[str, float] = {name: 0 for name in INT_COUNTERS}
@@ -117,12 +119,18 @@ class Hub:
 
     # ------------------------------------------- batches, priorities, reanalysis jobs
 
-    async def put(self, name: str, item: Any, timeout: float) -> bool:
+    async def put(self, name: str, seq: int, item: Any) -> bool:
+        """Queue `item` as the `seq`-th put to `name` (its one producer numbers them, so
+        puts sent without waiting still queue in order), once there is room; False if the
+        run stopped first."""
         queue = self.queues[name]
         slots = self.slots[name]
-        if not await self._wait(lambda: len(queue) < slots, timeout):
-            return False
+        while not await self._wait(lambda: self.put_seq[name] == seq and len(queue) < slots,
+                                   1.0):
+            if self.counters["stop"]:
+                return False
         queue.append(item)
+        self.put_seq[name] += 1
         await self._notify()
         return True
 
@@ -180,6 +188,20 @@ class Hub:
                                          or self.counters["learner_done"]), timeout)
         return (done, int(self.counters["train_steps"]),
                 {kind: list(held) for kind, held in self.weights.items()})
+
+
+def writable(item: Any) -> Any:
+    """`item` with every numpy array in it writable, as the local rings hand them out:
+    arrays from Ray's object store are read-only views, which torch.from_numpy warns about
+    (a copy only where an array is read-only)."""
+    if isinstance(item, np.ndarray):
+        return item if item.flags.writeable else item.copy()
+    if isinstance(item, tuple):
+        return tuple(writable(x) for x in item)
+    if isinstance(item, TrainingBatch):
+        return dataclasses.replace(item, **{f.name: writable(getattr(item, f.name))
+                                            for f in dataclasses.fields(item)})
+    return item
 
 
 class HubCounters:
@@ -245,6 +267,8 @@ class HubCounters:
 class RayTransport:
     """Transport through the hub actor (see the module doc)."""
 
+    TAKE_WAIT_S = 1.0  # how long a take waits at the hub before it is asked again
+
     def __init__(self, hub: Any, spec: PipelineSpec) -> None:
         self.ray = import_ray()
         self.hub = hub
@@ -253,6 +277,10 @@ class RayTransport:
         self.layout = transition_layout(spec.cfg(), spec.env)
         self.trained = -1  # training steps done, as of the last wait
         self.held: dict[str, list[int]] = {}  # publishes held then, by kind
+        self.next_take: dict[str, Any] = {}  # by queue: the take already asked for
+        self.last_put: dict[str, Any] = {}  # by queue: the put not yet confirmed
+        self.put_count: dict[str, int] = {}  # by queue: puts sent
+        self.next_wait: tuple[int, Any] = (-1, None)  # the wait already asked for: step, call
 
     def _call(self, method: Any, *args: Any) -> Any:
         return self.ray.get(method.remote(*args))
@@ -279,19 +307,31 @@ class RayTransport:
             raise Closed(f"collector {collector} ended")
         yield record
 
+    # Round trips to the hub, not compute, are what a busy machine makes slow (a few ms
+    # each, tens of ms with every core busy), so the exchanges every training step makes
+    # keep at most one call waiting: a take asks for the next item as soon as it has
+    # one, and a put returns once the previous put to that queue is in. An async actor
+    # may run one caller's calls out of order, so each put carries its number and the
+    # hub queues them in that order.
     def _take(self, name: str, timeout: float) -> Any:
-        item = self._call(self.hub.take, name, timeout)
+        ref = self.next_take.pop(name, None) or self.hub.take.remote(name, self.TAKE_WAIT_S)
+        ready, _ = self.ray.wait([ref], timeout=timeout)
+        if not ready:
+            self.next_take[name] = ref
+            raise Timeout(f"nothing in {name}")
+        item = self.ray.get(ref)
+        self.next_take[name] = self.hub.take.remote(name, self.TAKE_WAIT_S)
         if item is None:
             raise Timeout(f"nothing in {name}")
-        return item
+        return writable(item)
 
-    # An async actor may run one caller's calls out of order, so whatever must arrive in
-    # order (batches, priorities, a publish before the step count that announces it) is
-    # sent with a call that returns only once the hub has it.
     def _put(self, name: str, item: Any) -> bool:
-        while not self._call(self.hub.put, name, item, 1.0):
-            if self.counters["stop"]:
-                return False
+        previous = self.last_put.get(name)
+        if previous is not None and not self.ray.get(previous):
+            return False  # the run stopped
+        seq = self.put_count.get(name, 0)
+        self.put_count[name] = seq + 1
+        self.last_put[name] = self.hub.put.remote(name, seq, item)
         return True
 
     def put_batch(self, batch: TrainingBatch) -> bool:
@@ -337,7 +377,15 @@ class RayTransport:
         if step <= self.trained:
             return
         while True:
-            done, self.trained, self.held = self._call(self.hub.wait_for_training, step, 1.0)
+            # The reanalyse role asks for each step in turn: its next wait is asked for
+            # as soon as this one returns (a reader of another step asks afresh).
+            asked, ref = self.next_wait
+            if asked != step:
+                ref = self.hub.wait_for_training.remote(step, self.TAKE_WAIT_S)
+            done, self.trained, self.held = self.ray.get(ref)
+            self.next_wait = (step + 1 if done else step,
+                              self.hub.wait_for_training.remote(step + 1 if done else step,
+                                                                self.TAKE_WAIT_S))
             if done or self.counters["stop"]:
                 return
 
