@@ -153,8 +153,8 @@ def table_by_seed(rows: list[dict]) -> str:
         lines.append(f"| {seed} | {curve} | {first} | " + " | ".join(cells) + " |")
     if older:
         lines += ["", "\u2020 timed with the code of commit " + ", ".join(sorted(older))
-                  + ", before a faster search driver: the same training and evaluations, "
-                  "a longer time."]
+                  + ": the same training and evaluations as the other rows of its seed, a "
+                  "time taken with other code."]
     return "\n".join(lines)
 
 

@@ -314,7 +314,9 @@ class RayTransport:
     # may run one caller's calls out of order, so each put carries its number and the
     # hub queues them in that order.
     def _take(self, name: str, timeout: float) -> Any:
-        ref = self.next_take.pop(name, None) or self.hub.take.remote(name, self.TAKE_WAIT_S)
+        ref = self.next_take.pop(name, None)
+        if ref is None:
+            ref = self.hub.take.remote(name, self.TAKE_WAIT_S)
         ready, _ = self.ray.wait([ref], timeout=timeout)
         if not ready:
             self.next_take[name] = ref
@@ -383,9 +385,8 @@ class RayTransport:
             if asked != step:
                 ref = self.hub.wait_for_training.remote(step, self.TAKE_WAIT_S)
             done, self.trained, self.held = self.ray.get(ref)
-            self.next_wait = (step + 1 if done else step,
-                              self.hub.wait_for_training.remote(step + 1 if done else step,
-                                                                self.TAKE_WAIT_S))
+            ahead = step + 1 if done else step
+            self.next_wait = (ahead, self.hub.wait_for_training.remote(ahead, self.TAKE_WAIT_S))
             if done or self.counters["stop"]:
                 return
 
