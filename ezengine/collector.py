@@ -94,11 +94,15 @@ class Collector:
         frame_stack: frames per model input.
         seed: seeds action sampling and random play.
         env_steps: environment steps already collected (when resuming).
+        greedy_envs: the first this many environments take the most visited action
+            whatever the temperature (the evaluated policy's own states in the data).
     """
 
     def __init__(self, envs: VectorEnv, search: BatchedSearch, *, clip_rewards: bool,
-                 frame_stack: int, seed: int, env_steps: int = 0) -> None:
+                 frame_stack: int, seed: int, env_steps: int = 0, greedy_envs: int = 0
+                 ) -> None:
         self.envs = envs
+        self.greedy_envs = greedy_envs
         self.search = search
         self.clip_rewards = clip_rewards
         self.rng = np.random.default_rng(seed)
@@ -130,6 +134,9 @@ class Collector:
             else:
                 result = model.search(self.stacks.model_input())
             actions = select_actions(result.visit_counts, temperature, self.rng)
+            if self.greedy_envs:
+                g = self.greedy_envs
+                actions[:g] = select_actions(result.visit_counts[:g], 0.0, self.rng)
             rec["policies"][...] = result.policies()
             rec["root_values"][...] = result.root_values
         rec["frames"][...] = self.stacks.frames[:, -1]

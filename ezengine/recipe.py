@@ -90,6 +90,12 @@ def total_training_steps(cfg: Config) -> int:
     return paced_training_steps(cfg, cfg.run.env_steps)
 
 
+def greedy_envs(cfg: Config, num_envs: int) -> int:
+    """How many of a collector's `num_envs` environments act on the most visited action
+    (its first ones): run.greedy_env_fraction of them, rounded."""
+    return round(cfg.run.greedy_env_fraction * num_envs)
+
+
 def visit_temperature(cfg: Config, env_steps: int) -> float:
     """Self-play temperature, stepping down at run.temperature_milestones (fractions of the
     environment-step budget)."""

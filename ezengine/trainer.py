@@ -41,6 +41,7 @@ from ezengine.recipe import (
     collector_budget,
     collector_seed,
     evaluation_seed,
+    greedy_envs,
     model_seed,
     progress_line,
     record_env_steps,
@@ -81,7 +82,8 @@ class SerialTrainer:
             envs = VectorEnv(cfg.env, seed=seed, train=True)
             search = BatchedSearch.for_config(cfg, envs.num_actions, seed)
             self.collectors.append(Collector(envs, search, clip_rewards=cfg.env.clip_rewards,
-                                             frame_stack=cfg.env.frame_stack, seed=seed))
+                                             frame_stack=cfg.env.frame_stack, seed=seed,
+                                             greedy_envs=greedy_envs(cfg, envs.num_envs)))
         self.env = self.collectors[0].envs.description
         # The copies the collectors and the reanalyser load published weights into, built
         # before torch is seeded for the learner's initial weights, as in the pipeline.

@@ -18,6 +18,7 @@ from ezengine.recipe import (
     build_network,
     collector_budget,
     collector_seed,
+    greedy_envs,
     record_env_steps,
     selfplay_weights_step,
     visit_temperature,
@@ -46,7 +47,8 @@ def run_collector(spec: PipelineSpec, index: int, transport: Transport) -> None:
     envs = VectorEnv(cfg.env, seed=seed, train=True)
     search = BatchedSearch.for_config(cfg, spec.env.num_actions, seed)
     collector = Collector(envs, search, clip_rewards=cfg.env.clip_rewards,
-                          frame_stack=cfg.env.frame_stack, seed=seed, env_steps=start_steps)
+                          frame_stack=cfg.env.frame_stack, seed=seed, env_steps=start_steps,
+                          greedy_envs=greedy_envs(cfg, n))
     remote = (OwnerSearches(transport, index) if cfg.run.collector_inference == "learner"
               else None)
     model = build_network(cfg, spec.env)

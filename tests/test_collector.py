@@ -1,0 +1,44 @@
+"""The collector's action choice: sampled visit counts, and greedy environments."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ezengine.collector import Collector
+from ezengine.config import load_config
+from ezengine.envs import VectorEnv
+from ezengine.recipe import greedy_envs
+from ezengine.search import SearchResult
+
+
+class FixedVisits:
+    """A search whose every root has the same visit counts (action 1 the most visited)."""
+
+    def search(self, obs: np.ndarray) -> SearchResult:
+        n = obs.shape[0]
+        return SearchResult(visit_counts=np.tile(np.array([[10, 15]], np.int32), (n, 1)),
+                            root_values=np.zeros(n, np.float32),
+                            predicted_values=np.zeros(n, np.float32))
+
+
+def test_greedy_envs_take_the_most_visited_action_and_the_others_sample():
+    cfg = load_config("configs/cartpole.yaml", ["run.greedy_env_fraction=0.25"])
+    envs = VectorEnv(cfg.env, seed=0, train=True)
+    k = greedy_envs(cfg, envs.num_envs)
+    assert (envs.num_envs, k) == (8, 2)
+    collector = Collector(envs, search=None, clip_rewards=False, frame_stack=1, seed=0,
+                          greedy_envs=k)
+    actions = np.stack([collector.step(FixedVisits(), 1.0)["actions"].copy()
+                        for _ in range(200)])
+    envs.close()
+    assert (actions[:, :k] == 1).all()
+    # At temperature 1 the others take action 0 with probability 10/25.
+    share = (actions[:, k:] == 0).mean()
+    assert 0.35 < share < 0.45, share
+
+
+def test_greedy_env_count_rounds_the_fraction_of_a_collectors_envs():
+    for fraction, n, want in [(0.0, 8, 0), (0.25, 8, 2), (0.5, 8, 4), (0.3, 16, 5),
+                              (1.0, 3, 3)]:
+        cfg = load_config("configs/cartpole.yaml", [f"run.greedy_env_fraction={fraction}"])
+        assert greedy_envs(cfg, n) == want
