@@ -94,8 +94,8 @@ class Collector:
         frame_stack: frames per model input.
         seed: seeds action sampling and random play.
         env_steps: environment steps already collected (when resuming).
-        greedy_envs: the first this many environments take the most visited action
-            whatever the temperature (the evaluated policy's own states in the data).
+        greedy_envs: the first this many environments take the most visited action of
+            their (noised) search whatever the temperature, as evaluation chooses.
     """
 
     def __init__(self, envs: VectorEnv, search: BatchedSearch, *, clip_rewards: bool,

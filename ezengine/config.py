@@ -237,9 +237,9 @@ class RunConfig:
         metadata=_meta("fractions of the env-step budget where the temperature steps down "
                        "(ascending)", _UNIT))
     greedy_env_fraction: float = _f(0.0, "fraction of each collector's environments that "
-                                    "take the most visited action, as evaluation does, so "
-                                    "the replay holds the states the evaluated policy reaches",
-                                    _UNIT)
+                                    "take the most visited action (evaluation's choice; "
+                                    "root noise stays), so the replay holds the states the "
+                                    "evaluated policy reaches", _UNIT)
     eval_interval: int = _f(10_000, "training steps between evaluations", _POSITIVE)
     eval_episodes: int = _f(32, "episodes per evaluation", _POSITIVE)
     checkpoint_interval: int = _f(1000, "training steps between checkpoints", _POSITIVE)
