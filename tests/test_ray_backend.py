@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ezengine.checkpoint import load_checkpoint
+from ezengine.pipeline.transport import Timeout
 
 pytest.importorskip("ray")
 
@@ -127,33 +128,39 @@ def test_a_ray_run_is_the_local_run(tmp_path):
     assert all(torch.equal(local[k], ray[k]) for k in local)
 
 
-def test_the_hub_queues_puts_in_their_order_whatever_order_they_run_in(tmp_path):
-    # RayTransport sends a put without waiting for the one before it, and an async actor
-    # may run one caller's calls out of order: the numbers the puts carry keep the queue
-    # in the order they were sent (priorities out of order would stop the run).
-    import asyncio
+def test_an_inbox_queues_deliveries_in_their_order_and_holds_back_a_full_queue():
+    # A producer sends an item without waiting for the one before it, and a threaded
+    # actor may run the deliveries in any order: the numbers they carry keep the queue in
+    # the order they were sent (priorities out of order would stop the run). A full queue
+    # holds a delivery back until its taker takes, and the taker's end releases it.
+    import threading
 
-    from ezengine.config import config_to_dict, load_config
-    from ezengine.envs import EnvDescription
-    from ezengine.pipeline.ray_backend import Hub
-    from ezengine.pipeline.spec import PipelineSpec
+    from ezengine.pipeline.ray_backend import Inbox
 
-    spec = PipelineSpec(
-        config=config_to_dict(load_config(ROOT / "configs/cartpole.yaml")),
-        run_dir=str(tmp_path), env=EnvDescription((4,), "float32", 2), num_collectors=1,
-        resume=False, transitions=[], batches=None, priorities=None, counters=None,
-        selfplay_weights=[], target_weights=[], eval_weights=None, search_requests=[],
-        search_results=[], reanalysis_jobs=[], reanalysis_results=[], prefix="",
-        supervisor_pid=os.getpid())
+    inbox = Inbox({"priorities": 2})
+    results: dict[int, bool] = {}
 
-    async def scenario() -> list:
-        hub = Hub(spec, {})
-        later = [asyncio.create_task(hub.put("priorities", seq, f"step {seq + 1}"))
-                 for seq in (2, 1)]
-        await asyncio.sleep(0.05)
-        assert not any(task.done() for task in later)  # waiting for put 0
-        assert await hub.put("priorities", 0, "step 1")
-        assert all(await asyncio.gather(*later))
-        return [await hub.take("priorities", 0.1) for _ in range(3)]
+    def deliver(seq: int) -> None:
+        results[seq] = inbox.deliver("priorities", seq, f"step {seq + 1}")
 
-    assert asyncio.run(scenario()) == ["step 1", "step 2", "step 3"]
+    later = [threading.Thread(target=deliver, args=(seq,)) for seq in (2, 1)]
+    for thread in later:
+        thread.start()
+    time.sleep(0.05)
+    assert not results  # waiting for delivery 0
+    deliver(0)
+    later[1].join(timeout=5)  # delivery 1 went in, delivery 2 waits for room
+    time.sleep(0.05)
+    assert results == {0: True, 1: True} and later[0].is_alive()
+    assert inbox.take("priorities", 0.1) == "step 1"
+    later[0].join(timeout=5)
+    assert results[2] is True
+    assert [inbox.take("priorities", 0.1) for _ in range(2)] == ["step 2", "step 3"]
+    with pytest.raises(Timeout):
+        inbox.take("priorities", 0.05)
+
+    blocked = threading.Thread(target=deliver, args=(4,))  # never its turn
+    blocked.start()
+    inbox.close()
+    blocked.join(timeout=5)
+    assert results[4] is False

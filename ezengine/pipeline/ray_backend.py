@@ -4,11 +4,15 @@ starts the run.
 
 The hub holds what the shared-memory blocks hold on one machine: a bounded queue of
 transition records per collector (it appends each record to the collector's transition log
-in the run directory before queueing it), the batches and priorities queues, the published
-weights (the last HISTORY_SLOTS self-play and target publishes under their training steps,
-the latest evaluation weights) and the counters. Its methods never block the actor: waits
-are awaited conditions, so every role's calls go on while one waits. Records, batches and
-weights travel as numpy arrays through Ray's object store.
+in the run directory before queueing it), the published weights (the last HISTORY_SLOTS
+self-play and target publishes under their training steps, the latest evaluation weights),
+the counters, and the role actors' handles. Its methods never block the actor: waits are
+awaited conditions, so every role's calls go on while one waits.
+
+What every training step sends (batches, priorities, reanalysis jobs and results) goes
+straight to the actor of the role that takes it, into that actor's `Inbox`: one call per
+item, and a take is a wait on a local queue. Records, batches and weights travel as numpy
+arrays through Ray's object store.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import dataclasses
 import math
 import os
+import threading
 import time
 import traceback
 from collections import deque
@@ -30,7 +35,14 @@ import torch
 from ezengine.batch import TrainingBatch
 from ezengine.envs import EnvDescription
 from ezengine.pipeline.layouts import transition_layout
-from ezengine.pipeline.spec import FLOAT_COUNTERS, INT_COUNTERS, RING_SLOTS, PipelineSpec
+from ezengine.pipeline.learner_role import reanalyse_in_learner
+from ezengine.pipeline.spec import (
+    FLOAT_COUNTERS,
+    INT_COUNTERS,
+    RING_SLOTS,
+    PipelineSpec,
+    role_name,
+)
 from ezengine.pipeline.supervisor import PipelineTrainer
 from ezengine.pipeline.transition_log import TransitionLog, log_path
 from ezengine.pipeline.transport import Closed, Stopped, Timeout
@@ -58,15 +70,7 @@ class Hub:
                      for i in range(spec.num_collectors)]
         self.records: list[deque] = [deque() for _ in range(spec.num_collectors)]
         self.ended = [False] * spec.num_collectors
-        # Bounded queues by name: batches and priorities (RING_SLOTS), and each reanalyse
-        # helper's jobs and results (one slot each, as the local rings).
-        self.queues: dict[str, deque] = {"batches": deque(), "priorities": deque()}
-        self.slots = {"batches": RING_SLOTS["batches"], "priorities": RING_SLOTS["priorities"]}
-        for p in range(1, cfg.run.reanalysers):
-            for name in (f"jobs-{p}", f"results-{p}"):
-                self.queues[name] = deque()
-                self.slots[name] = 1
-        self.put_seq = {name: 0 for name in self.queues}
+        self.peers: dict[str, Any] = {}  # role name -> its actor
         self.weights: dict[str, dict[int, np.ndarray]] = {"selfplay": {}, "target": {}}
         self.eval: tuple[int, np.ndarray] | None = None
         self.counters: dict[str, float] = {name: 0 for name in INT_COUNTERS}
@@ -117,30 +121,18 @@ class Hub:
         await self._notify()
         return record
 
-    # ------------------------------------------- batches, priorities, reanalysis jobs
+    # -------------------------------------------------------------- role actors
 
-    async def put(self, name: str, seq: int, item: Any) -> bool:
-        """Queue `item` as the `seq`-th put to `name` (its one producer numbers them, so
-        puts sent without waiting still queue in order), once there is room; False if the
-        run stopped first."""
-        queue = self.queues[name]
-        slots = self.slots[name]
-        while not await self._wait(lambda: self.put_seq[name] == seq and len(queue) < slots,
-                                   1.0):
-            if self.counters["stop"]:
-                return False
-        queue.append(item)
-        self.put_seq[name] += 1
+    async def register(self, name: str, actor: Any) -> None:
+        self.peers[name] = actor
         await self._notify()
-        return True
 
-    async def take(self, name: str, timeout: float) -> Any:
-        queue = self.queues[name]
-        if not await self._wait(lambda: bool(queue), timeout):
+    async def peer(self, name: str, timeout: float) -> Any:
+        """The actor of role `name`, once the launcher has registered it (None: not
+        within `timeout`)."""
+        if not await self._wait(lambda: name in self.peers, timeout):
             return None
-        item = queue.popleft()
-        await self._notify()
-        return item
+        return self.peers[name]
 
     # -------------------------------------------------------------- weights, counters
 
@@ -202,6 +194,67 @@ def writable(item: Any) -> Any:
         return dataclasses.replace(item, **{f.name: writable(getattr(item, f.name))
                                             for f in dataclasses.fields(item)})
     return item
+
+
+def queue_slots(spec: PipelineSpec) -> dict[str, int]:
+    """The queues that go straight between role actors, and how many items each holds: as
+    the local rings, batches and priorities RING_SLOTS, each reanalyse helper's jobs and
+    results one."""
+    slots = {"batches": RING_SLOTS["batches"], "priorities": RING_SLOTS["priorities"]}
+    for p in range(1, spec.cfg().run.reanalysers):
+        slots[f"jobs-{p}"] = slots[f"results-{p}"] = 1
+    return slots
+
+
+def queue_takers(spec: PipelineSpec) -> dict[str, str]:
+    """The role (role_name) that takes each queue of `queue_slots`: the learner takes the
+    batches, helper p its jobs, and the replay's owner the priorities and results."""
+    owner = "learner" if reanalyse_in_learner(spec.cfg()) else role_name("reanalyse", 0)
+    takers = {"batches": "learner", "priorities": owner}
+    for p in range(1, spec.cfg().run.reanalysers):
+        takers[f"jobs-{p}"] = role_name("reanalyse", p)
+        takers[f"results-{p}"] = owner
+    return takers
+
+
+class Inbox:
+    """A role actor's bounded queues of items sent straight to it (`queue_slots`). An
+    item is queued in the order its producer numbered it (calls to a threaded actor may
+    run in any order), once there is room; a delivery waits for both, which is the
+    producer's backpressure. Closed when the role ends: waiting deliveries return False."""
+
+    def __init__(self, slots: Mapping[str, int]) -> None:
+        self.slots = dict(slots)
+        self.items: dict[str, deque] = {name: deque() for name in slots}
+        self.next_seq = {name: 0 for name in slots}
+        self.closed = False
+        self.changed = threading.Condition()
+
+    def deliver(self, name: str, seq: int, item: Any) -> bool:
+        queue = self.items[name]
+        with self.changed:
+            self.changed.wait_for(lambda: self.closed or (
+                self.next_seq[name] == seq and len(queue) < self.slots[name]))
+            if self.closed:
+                return False
+            queue.append(item)
+            self.next_seq[name] += 1
+            self.changed.notify_all()
+        return True
+
+    def take(self, name: str, timeout: float) -> Any:
+        queue = self.items[name]
+        with self.changed:
+            if not self.changed.wait_for(lambda: queue or self.closed, timeout) or not queue:
+                raise Timeout(f"nothing in {name}")
+            item = queue.popleft()
+            self.changed.notify_all()
+        return item
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
 
 
 class HubCounters:
@@ -267,7 +320,7 @@ class HubCounters:
 class RayTransport:
     """Transport through the hub actor (see the module doc)."""
 
-    TAKE_WAIT_S = 1.0  # how long a take waits at the hub before it is asked again
+    HUB_WAIT_S = 1.0  # how long a wait at the hub lasts before it is asked again
 
     def __init__(self, hub: Any, spec: PipelineSpec) -> None:
         self.ray = import_ray()
@@ -277,7 +330,9 @@ class RayTransport:
         self.layout = transition_layout(spec.cfg(), spec.env)
         self.trained = -1  # training steps done, as of the last wait
         self.held: dict[str, list[int]] = {}  # publishes held then, by kind
-        self.next_take: dict[str, Any] = {}  # by queue: the take already asked for
+        self.inbox = Inbox(queue_slots(spec))  # what other roles send this one
+        self.takers = queue_takers(spec)
+        self.peers: dict[str, Any] = {}  # role name -> its actor, as asked of the hub
         self.last_put: dict[str, Any] = {}  # by queue: the put not yet confirmed
         self.put_count: dict[str, int] = {}  # by queue: puts sent
         self.next_wait: tuple[int, Any] = (-1, None)  # the wait already asked for: step, call
@@ -307,33 +362,33 @@ class RayTransport:
             raise Closed(f"collector {collector} ended")
         yield record
 
-    # Round trips to the hub, not compute, are what a busy machine makes slow (a few ms
-    # each, tens of ms with every core busy), so the exchanges every training step makes
-    # keep at most one call waiting: a take asks for the next item as soon as it has
-    # one, and a put returns once the previous put to that queue is in. An async actor
-    # may run one caller's calls out of order, so each put carries its number and the
-    # hub queues them in that order.
+    # Round trips, not compute, are what a busy machine makes slow (a few ms each, tens of
+    # ms with every core busy). An item of the per-step exchanges is one call, from its
+    # producer to its taker's inbox, and the producer waits only for its previous put to
+    # that queue: the taker's inbox queues the puts in their numbered order.
     def _take(self, name: str, timeout: float) -> Any:
-        ref = self.next_take.pop(name, None)
-        if ref is None:
-            ref = self.hub.take.remote(name, self.TAKE_WAIT_S)
-        ready, _ = self.ray.wait([ref], timeout=timeout)
-        if not ready:
-            self.next_take[name] = ref
-            raise Timeout(f"nothing in {name}")
-        item = self.ray.get(ref)
-        self.next_take[name] = self.hub.take.remote(name, self.TAKE_WAIT_S)
-        if item is None:
-            raise Timeout(f"nothing in {name}")
-        return writable(item)
+        return writable(self.inbox.take(name, timeout))
+
+    def _peer(self, name: str) -> Any:
+        while name not in self.peers:
+            actor = self._call(self.hub.peer, name, self.HUB_WAIT_S)
+            if actor is not None:
+                self.peers[name] = actor
+            elif self.counters["stop"]:
+                raise Stopped(f"the run stopped before {name} started")
+        return self.peers[name]
 
     def _put(self, name: str, item: Any) -> bool:
         previous = self.last_put.get(name)
-        if previous is not None and not self.ray.get(previous):
-            return False  # the run stopped
+        try:
+            if previous is not None and not self.ray.get(previous):
+                return False  # the taker ended
+            actor = self._peer(self.takers[name])
+        except self.ray.exceptions.RayActorError:
+            return False  # the taker died: the supervisor stops the run and names it
         seq = self.put_count.get(name, 0)
         self.put_count[name] = seq + 1
-        self.last_put[name] = self.hub.put.remote(name, seq, item)
+        self.last_put[name] = actor.deliver.remote(name, seq, item)
         return True
 
     def put_batch(self, batch: TrainingBatch) -> bool:
@@ -383,10 +438,10 @@ class RayTransport:
             # as soon as this one returns (a reader of another step asks afresh).
             asked, ref = self.next_wait
             if asked != step:
-                ref = self.hub.wait_for_training.remote(step, self.TAKE_WAIT_S)
+                ref = self.hub.wait_for_training.remote(step, self.HUB_WAIT_S)
             done, self.trained, self.held = self.ray.get(ref)
             ahead = step + 1 if done else step
-            self.next_wait = (ahead, self.hub.wait_for_training.remote(ahead, self.TAKE_WAIT_S))
+            self.next_wait = (ahead, self.hub.wait_for_training.remote(ahead, self.HUB_WAIT_S))
             if done or self.counters["stop"]:
                 return
 
@@ -414,6 +469,11 @@ class RoleActor:
 
         return f"pid {os.getpid()} on {socket.gethostname()}"
 
+    def deliver(self, name: str, seq: int, item: Any) -> bool:
+        """Another role's `seq`-th item of queue `name` (see Inbox); False once this role
+        has ended."""
+        return self.transport.inbox.deliver(name, seq, item)
+
     def run(self) -> None:
         from ezengine.pipeline.child import run_role
 
@@ -421,6 +481,7 @@ class RoleActor:
             with suppress(Stopped):
                 run_role(self.role, self.index, self.spec, self.transport)
         finally:
+            self.transport.inbox.close()
             self.transport.counters.flush()  # its last additions and progress writes
 
 
@@ -513,13 +574,18 @@ class RayTrainer(PipelineTrainer):
         errors = ErrorList()
         actors: list[Any] = []
 
+        # A role actor is threaded: its role runs in one thread while deliveries into its
+        # inbox (at most one waiting per queue) and `where` run in others.
+        threads = 2 + len(queue_slots(spec))
+
         def start(role: str, index: int, name: str) -> ActorProcess:
-            # Collectors and reanalyse helpers only exchange arrays with the hub: anywhere.
+            # Collectors and reanalyse helpers only exchange arrays: anywhere.
             placement = ("DEFAULT" if role == "collector" or (role == "reanalyse" and index)
                          else here)
-            actor = ray.remote(RoleActor).options(num_cpus=cpus,
+            actor = ray.remote(RoleActor).options(num_cpus=cpus, max_concurrency=threads,
                                                   scheduling_strategy=placement).remote(
                 role, index, spec, hub)
+            hub.register.remote(name, actor)
             actors.append(actor)
             self.echo(f"{name}: Ray actor, {ray.get(actor.where.remote())}")
             return ActorProcess(ray, actor, name, errors)
