@@ -155,18 +155,20 @@ class Hub:
     def weights_of(self, kind: str, step: int) -> np.ndarray:
         return self.eval[1] if kind == "eval" else self.weights[kind][step]
 
-    async def set_counter(self, name: str, value: float) -> None:
-        self.counters[name] = value
-        await self._notify()
-
-    def add_counters(self, deltas: Mapping[str, float], values: Mapping[str, float]
-                     ) -> None:
+    async def add_counters(self, deltas: Mapping[str, float], values: Mapping[str, float]
+                           ) -> None:
+        """Add `deltas` and write `values` (in this order, one caller's calls in the order
+        sent: the updates happen before the first await), then wake the waits."""
         for name, delta in deltas.items():
             self.counters[name] += delta
         self.counters.update(values)
+        await self._notify()
 
     def counter(self, name: str) -> float:
         return self.counters[name]
+
+    def flags(self, names: tuple[str, ...]) -> list[float]:
+        return [self.counters[name] for name in names]
 
     def snapshot(self) -> dict[str, float]:
         return dict(self.counters)
@@ -258,12 +260,13 @@ class Inbox:
 
 
 class HubCounters:
-    """The hub's counters behind the Counters interface, with few round trips: additions,
-    and writes of the counters only progress rows read (SHOWN), are gathered here and sent
-    together at most every FLUSH_S (and before any other write or read); other writes are
-    sent without waiting (a write that must follow another call is made after that call
-    returned: see RayTransport), and the two flags every loop reads, "stop" and
-    "learner_done", are re-read at most every FLUSH_S (they only ever go from 0 to 1)."""
+    """The hub's counters behind the Counters interface, with few round trips and no wait
+    but for a read: additions, and writes of the counters only progress rows read (SHOWN),
+    are gathered here and sent together at most every FLUSH_S (and before any read); any
+    other write goes at once, with them, in one call sent without waiting (a write that
+    must follow another call is made after that call returned: see RayTransport). The two
+    flags every loop reads, "stop" and "learner_done", are asked for at most every FLUSH_S
+    and read as last answered (they only ever go from 0 to 1)."""
 
     FLUSH_S = 0.05
     FLAGS = ("stop", "learner_done")
@@ -276,7 +279,9 @@ class HubCounters:
         self.pending: dict[str, float] = {}
         self.pending_writes: dict[str, float] = {}
         self.flushed = time.monotonic()
-        self.flags: dict[str, tuple[float, Any]] = {}
+        self.flags = dict.fromkeys(self.FLAGS, 0)  # as last read from the hub
+        self.flags_asked: Any = None  # the read of the flags under way
+        self.flags_at = -1.0  # when the last read was asked for
 
     def flush(self) -> None:
         if self.pending or self.pending_writes:
@@ -285,24 +290,35 @@ class HubCounters:
         self.flushed = time.monotonic()
 
     def __getitem__(self, name: str) -> Any:
-        now = time.monotonic()
         if name in self.FLAGS:
-            at, value = self.flags.get(name, (-1.0, 0))
-            if value or now - at < self.FLUSH_S:
-                return value
+            return self._flag(name)
         self.flush()
-        value = self.ray.get(self.hub.counter.remote(name))
-        if name in self.FLAGS:
-            self.flags[name] = (now, value)
-        return value
+        return self.ray.get(self.hub.counter.remote(name))
+
+    def _flag(self, name: str) -> Any:
+        """A flag as of the last read of the hub that has come back, without waiting: a
+        loop sees a flag go to 1 one round trip late, and reading it costs no wait."""
+        if self.flags_asked is not None:
+            ready, _ = self.ray.wait([self.flags_asked], timeout=0)
+            if ready:
+                for flag, value in zip(self.FLAGS, self.ray.get(self.flags_asked), strict=True):
+                    self.flags[flag] = max(self.flags[flag], value)
+                self.flags_asked = None
+        now = time.monotonic()
+        if self.flags_asked is None and now - self.flags_at >= self.FLUSH_S:
+            self.flush()
+            self.flags_asked = self.hub.flags.remote(self.FLAGS)
+            self.flags_at = now
+        return self.flags[name]
 
     def __setitem__(self, name: str, value: float) -> None:
+        if name in self.FLAGS:
+            self.flags[name] = value
+        self.pending_writes[name] = value
         if name in self.SHOWN:
-            self.pending_writes[name] = value
             self._flush_due()
-            return
-        self.flush()
-        self.hub.set_counter.remote(name, value)
+        else:
+            self.flush()  # with the additions gathered so far: one call
 
     def add(self, name: str, delta: float = 1) -> None:
         self.pending[name] = self.pending.get(name, 0) + delta
