@@ -198,29 +198,23 @@ def writable(item: Any) -> Any:
     return item
 
 
-def queue_slots(spec: PipelineSpec) -> dict[str, int]:
-    """The queues that go straight between role actors, and how many items each holds: as
-    the local rings, batches and priorities RING_SLOTS, each reanalyse helper's jobs and
-    results one."""
-    slots = {"batches": RING_SLOTS["batches"], "priorities": RING_SLOTS["priorities"]}
-    for p in range(1, spec.cfg().run.reanalysers):
-        slots[f"jobs-{p}"] = slots[f"results-{p}"] = 1
-    return slots
-
-
-def queue_takers(spec: PipelineSpec) -> dict[str, str]:
-    """The role (role_name) that takes each queue of `queue_slots`: the learner takes the
-    batches, helper p its jobs, and the replay's owner the priorities and results."""
-    owner = "learner" if reanalyse_in_learner(spec.cfg()) else role_name("reanalyse", 0)
-    takers = {"batches": "learner", "priorities": owner}
-    for p in range(1, spec.cfg().run.reanalysers):
-        takers[f"jobs-{p}"] = role_name("reanalyse", p)
-        takers[f"results-{p}"] = owner
-    return takers
+def direct_queues(spec: PipelineSpec) -> dict[str, tuple[str, int]]:
+    """The queues that go straight between role actors: for each, the role (role_name)
+    that takes it and how many items it holds, as the local rings. The learner takes the
+    batches, helper p its jobs (one slot), and the replay's owner the priorities and the
+    helpers' results (one slot each)."""
+    cfg = spec.cfg()
+    owner = "learner" if reanalyse_in_learner(cfg) else role_name("reanalyse", 0)
+    queues = {"batches": ("learner", RING_SLOTS["batches"]),
+              "priorities": (owner, RING_SLOTS["priorities"])}
+    for p in range(1, cfg.run.reanalysers):
+        queues[f"jobs-{p}"] = (role_name("reanalyse", p), 1)
+        queues[f"results-{p}"] = (owner, 1)
+    return queues
 
 
 class Inbox:
-    """A role actor's bounded queues of items sent straight to it (`queue_slots`). An
+    """A role actor's bounded queues of items sent straight to it (`direct_queues`). An
     item is queued in the order its producer numbered it (calls to a threaded actor may
     run in any order), once there is room; a delivery waits for both, which is the
     producer's backpressure. Closed when the role ends: waiting deliveries return False."""
@@ -346,8 +340,9 @@ class RayTransport:
         self.layout = transition_layout(spec.cfg(), spec.env)
         self.trained = -1  # training steps done, as of the last wait
         self.held: dict[str, list[int]] = {}  # publishes held then, by kind
-        self.inbox = Inbox(queue_slots(spec))  # what other roles send this one
-        self.takers = queue_takers(spec)
+        queues = direct_queues(spec)
+        self.inbox = Inbox({name: slots for name, (_, slots) in queues.items()})
+        self.takers = {name: taker for name, (taker, _) in queues.items()}
         self.peers: dict[str, Any] = {}  # role name -> its actor, as asked of the hub
         self.last_put: dict[str, Any] = {}  # by queue: the put not yet confirmed
         self.put_count: dict[str, int] = {}  # by queue: puts sent
@@ -592,7 +587,7 @@ class RayTrainer(PipelineTrainer):
 
         # A role actor is threaded: its role runs in one thread while deliveries into its
         # inbox (at most one waiting per queue) and `where` run in others.
-        threads = 2 + len(queue_slots(spec))
+        threads = 2 + len(direct_queues(spec))
 
         def start(role: str, index: int, name: str) -> ActorProcess:
             # Collectors and reanalyse helpers only exchange arrays: anywhere.
