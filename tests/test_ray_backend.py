@@ -164,3 +164,54 @@ def test_an_inbox_queues_deliveries_in_their_order_and_holds_back_a_full_queue()
     inbox.close()
     blocked.join(timeout=5)
     assert results[4] is False
+
+
+def test_the_hub_queues_records_in_their_order_logs_them_and_hands_out_all_queued(tmp_path):
+    # A collector sends its next record before the hub has answered the last one, and
+    # calls may start in any order: each record carries its number, and the hub logs and
+    # queues them in that order. The replay's owner takes everything queued in one call.
+    import asyncio
+
+    from ezengine.config import config_to_dict, load_config
+    from ezengine.envs import EnvDescription
+    from ezengine.pipeline.layouts import transition_layout
+    from ezengine.pipeline.ray_backend import Hub
+    from ezengine.pipeline.spec import PipelineSpec
+    from ezengine.pipeline.transition_log import TransitionLog, log_path
+
+    cfg = load_config(ROOT / "configs/cartpole.yaml")
+    env = EnvDescription((4,), np.dtype(np.float32).str, 2)
+    spec = PipelineSpec(
+        config=config_to_dict(cfg), run_dir=str(tmp_path), env=env, num_collectors=1,
+        resume=False, transitions=[], batches=None, priorities=None, counters=None,
+        selfplay_weights=[], target_weights=[], eval_weights=None, search_requests=[],
+        search_results=[], reanalysis_jobs=[], reanalysis_results=[], prefix="",
+        supervisor_pid=os.getpid())
+    layout = transition_layout(cfg, env)
+
+    def record(env_steps: int) -> dict:
+        rec = {name: np.zeros(shape, dtype) for name, shape, dtype in layout}
+        rec["env_steps"][...] = env_steps
+        return rec
+
+    async def exchange() -> tuple[list, list, object]:
+        (tmp_path / "replay").mkdir()
+        hub = Hub(spec, {})
+        later = asyncio.ensure_future(hub.put_record(0, 1, record(16)))
+        await asyncio.sleep(0.01)
+        assert not later.done()  # waits for record 0
+        assert await hub.take_records(0, 0.01) is None
+        assert await hub.put_record(0, 0, record(8))
+        assert await later
+        first = await hub.take_records(0, 0.01)
+        assert await hub.put_record(0, 2, record(24))
+        await hub.end_records(0)
+        second = await hub.take_records(0, 0.01)
+        return first, second, await hub.take_records(0, 0.01)
+
+    first, second, last = asyncio.run(exchange())
+    assert [int(r["env_steps"][0]) for r in first] == [8, 16]
+    assert [int(r["env_steps"][0]) for r in second] == [24]
+    assert last == "ended"
+    logged = TransitionLog(log_path(tmp_path, 0), layout).read()
+    assert [int(v[0]) for v in logged["env_steps"]] == [8, 16, 24]

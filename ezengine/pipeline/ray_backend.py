@@ -63,12 +63,15 @@ def import_ray() -> Any:
 class Hub:
     """The exchange every role's RayTransport calls (a Ray actor; see the module doc)."""
 
+    WAIT_S = 1.0  # how often a waiting put looks at the stop flag
+
     def __init__(self, spec: PipelineSpec, start: Mapping[str, int]) -> None:
         cfg = spec.cfg()
         layout = transition_layout(cfg, spec.env)
         self.logs = [TransitionLog(log_path(spec.run_dir, i), layout)
                      for i in range(spec.num_collectors)]
         self.records: list[deque] = [deque() for _ in range(spec.num_collectors)]
+        self.record_seq = [0] * spec.num_collectors  # the next record each queue takes
         self.ended = [False] * spec.num_collectors
         self.peers: dict[str, Any] = {}  # role name -> its actor
         self.weights: dict[str, dict[int, np.ndarray]] = {"selfplay": {}, "target": {}}
@@ -97,12 +100,18 @@ class Hub:
     def logged_env_steps(self, collector: int) -> int:
         return self.logs[collector].last_env_steps()
 
-    async def put_record(self, collector: int, record: dict, timeout: float) -> bool:
+    async def put_record(self, collector: int, seq: int, record: dict) -> bool:
+        """Log and queue the collector's `seq`-th record (numbered from this run's start),
+        once it is next in order and its queue has room; False if the run stops first."""
         queue = self.records[collector]
-        if not await self._wait(lambda: len(queue) < RING_SLOTS["transitions"], timeout):
-            return False
+        while not await self._wait(lambda: (self.record_seq[collector] == seq
+                                            and len(queue) < RING_SLOTS["transitions"]),
+                                   self.WAIT_S):
+            if self.counters["stop"]:
+                return False
         self.logs[collector].append(record)
         queue.append(record)
+        self.record_seq[collector] += 1
         await self._notify()
         return True
 
@@ -110,16 +119,18 @@ class Hub:
         self.ended[collector] = True
         await self._notify()
 
-    async def take_record(self, collector: int, timeout: float) -> dict | str | None:
-        """The record, "ended" once the collector ended and its queue is empty, or None."""
+    async def take_records(self, collector: int, timeout: float) -> list[dict] | str | None:
+        """Every record queued (at least one), "ended" once the collector ended and its
+        queue is empty, or None after `timeout`."""
         queue = self.records[collector]
         if not await self._wait(lambda: queue or self.ended[collector], timeout):
             return None
         if not queue:
             return "ended"
-        record = queue.popleft()
+        records = list(queue)
+        queue.clear()
         await self._notify()
-        return record
+        return records
 
     # -------------------------------------------------------------- role actors
 
@@ -262,7 +273,7 @@ class HubCounters:
     flags every loop reads, "stop" and "learner_done", are asked for at most every FLUSH_S
     and read as last answered (they only ever go from 0 to 1)."""
 
-    FLUSH_S = 0.05
+    FLUSH_S = 0.25  # each role actor: at most 4 counter calls and 4 flag reads a second
     FLAGS = ("stop", "learner_done")
     SHOWN = ("learner_wait_s", "replay_env_steps", "replay_positions", "recent_return",
              "target_version")
@@ -331,6 +342,7 @@ class RayTransport:
     """Transport through the hub actor (see the module doc)."""
 
     HUB_WAIT_S = 1.0  # how long a wait at the hub lasts before it is asked again
+    EVAL_POLL_S = 0.25  # how often the evaluator asks for new evaluation weights
 
     def __init__(self, hub: Any, spec: PipelineSpec) -> None:
         self.ray = import_ray()
@@ -347,6 +359,11 @@ class RayTransport:
         self.last_put: dict[str, Any] = {}  # by queue: the put not yet confirmed
         self.put_count: dict[str, int] = {}  # by queue: puts sent
         self.next_wait: tuple[int, Any] = (-1, None)  # the wait already asked for: step, call
+        self.records_sent: dict[int, deque] = {}  # by collector: puts not yet seen queued
+        self.record_count: dict[int, int] = {}  # by collector: records sent
+        self.records_taken: dict[int, deque] = {}  # by collector: taken, not yet handed out
+        self.records_asked: dict[int, Any] = {}  # by collector: the take under way
+        self.eval_asked = -math.inf  # when the evaluator last asked for new weights
 
     def _call(self, method: Any, *args: Any) -> Any:
         return self.ray.get(method.remote(*args))
@@ -354,24 +371,50 @@ class RayTransport:
     def logged_env_steps(self, collector: int) -> int:
         return self._call(self.hub.logged_env_steps, collector)
 
+    # A collector's records go one call each, without waiting for the hub's answer: a
+    # slot is handed out once every record but the last one sent is queued (the hub
+    # queues them in their numbered order). The replay's owner takes all that is queued
+    # in one call, and asks for the next ones as soon as those came.
     @contextmanager
     def record_slot(self, collector: int, timeout: float) -> Iterator[Mapping[str, np.ndarray]]:
+        sent = self.records_sent.setdefault(collector, deque())
+        while len(sent) > 1:
+            ready, _ = self.ray.wait([sent[0]], timeout=timeout)
+            if not ready:
+                raise Timeout(f"collector {collector}'s queue stayed full")
+            if not self.ray.get(sent.popleft()):
+                sent.clear()
+                raise Timeout("the run stopped")
         record = {name: np.zeros(shape, dtype) for name, shape, dtype in self.layout}
         yield record
-        if not self._call(self.hub.put_record, collector, record, timeout):
-            raise Timeout(f"collector {collector}'s queue stayed full")
+        seq = self.record_count.get(collector, 0)
+        self.record_count[collector] = seq + 1
+        sent.append(self.hub.put_record.remote(collector, seq, record))
 
     def end_records(self, collector: int) -> None:
+        self.ray.get(list(self.records_sent.pop(collector, ())))
         self._call(self.hub.end_records, collector)
 
     @contextmanager
     def take_record(self, collector: int, timeout: float) -> Iterator[Mapping[str, np.ndarray]]:
-        record = self._call(self.hub.take_record, collector, timeout)
-        if record is None:
-            raise Timeout(f"no record from collector {collector}")
-        if isinstance(record, str):
-            raise Closed(f"collector {collector} ended")
-        yield record
+        taken = self.records_taken.setdefault(collector, deque())
+        if not taken:
+            ref = self.records_asked.pop(collector, None)
+            if ref is None:
+                ref = self.hub.take_records.remote(collector, self.HUB_WAIT_S)
+            ready, _ = self.ray.wait([ref], timeout=timeout)
+            if not ready:
+                self.records_asked[collector] = ref
+                raise Timeout(f"no record from collector {collector}")
+            records = self.ray.get(ref)
+            if records is None:
+                raise Timeout(f"no record from collector {collector}")
+            if isinstance(records, str):
+                raise Closed(f"collector {collector} ended")
+            taken.extend(records)
+            self.records_asked[collector] = self.hub.take_records.remote(
+                collector, self.HUB_WAIT_S)
+        yield taken.popleft()
 
     # Round trips, not compute, are what a busy machine makes slow (a few ms each, tens of
     # ms with every core busy). An item of the per-step exchanges is one call, from its
@@ -432,6 +475,13 @@ class RayTransport:
 
     def load(self, kind: str, model: torch.nn.Module, step: int, loaded: int | None
              ) -> int | None:
+        if kind == "eval" and loaded is not None and not self.counters.flags["learner_done"]:
+            # The evaluator polls: ask the hub at most every EVAL_POLL_S (once the learner
+            # is seen done, every time: its last publish is then at the hub).
+            now = time.monotonic()
+            if now - self.eval_asked < self.EVAL_POLL_S:
+                return loaded
+            self.eval_asked = now
         # The publishes seen by the last wait for `step` are all there are up to it.
         held = self.held.get(kind) if kind != "eval" and step <= self.trained else None
         chosen = (published_step(held, step) if held
