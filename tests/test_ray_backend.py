@@ -215,3 +215,69 @@ def test_the_hub_queues_records_in_their_order_logs_them_and_hands_out_all_queue
     assert last == "ended"
     logged = TransitionLog(log_path(tmp_path, 0), layout).read()
     assert [int(v[0]) for v in logged["env_steps"]] == [8, 16, 24]
+
+
+def tiny_spec(tmp_path: Path, reanalysers: int = 1):
+    from ezengine.config import config_to_dict, load_config
+    from ezengine.envs import EnvDescription
+    from ezengine.pipeline.spec import PipelineSpec
+
+    config = config_to_dict(load_config(ROOT / "configs/cartpole.yaml"))
+    config["run"]["reanalysers"] = reanalysers
+    return PipelineSpec(
+        config=config, run_dir=str(tmp_path),
+        env=EnvDescription((4,), np.dtype(np.float32).str, 2), num_collectors=1,
+        resume=False, transitions=[], batches=None, priorities=None, counters=None,
+        selfplay_weights=[], target_weights=[], eval_weights=None, search_requests=[],
+        search_results=[], reanalysis_jobs=[], reanalysis_results=[], prefix="",
+        supervisor_pid=os.getpid())
+
+
+def test_a_publish_ends_the_waits_for_its_training_step(tmp_path):
+    # The learner's own write of train_steps goes to the hub only every FLUSH_S; a reader
+    # waiting for the step of a publish is answered by the publish itself.
+    import asyncio
+
+    from ezengine.pipeline.ray_backend import Hub
+
+    async def exchange() -> tuple:
+        (tmp_path / "replay").mkdir()
+        hub = Hub(tiny_spec(tmp_path), {})
+        waiting = asyncio.ensure_future(hub.wait_for_training(50, 5.0))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        await hub.publish("selfplay", np.zeros(3, np.float32), 50)
+        return await asyncio.wait_for(waiting, 1.0)
+
+    done, trained, held = asyncio.run(exchange())
+    assert (done, trained, held["selfplay"]) == (True, 50, [50])
+
+
+def test_priorities_and_reanalysis_jobs_carry_what_their_taker_would_ask_the_hub(tmp_path):
+    # The replay's owner builds a batch for a step it has the priorities of, and a
+    # reanalyse helper searches with the target its job names: neither asks the hub
+    # which weights those are (a call per training step each, before).
+    from ezengine.pipeline.ray_backend import RayTransport
+
+    class NoHub:
+        def __getattr__(self, name: str):
+            raise AssertionError(f"asked the hub: {name}")
+
+    owner = RayTransport(NoHub(), tiny_spec(tmp_path, reanalysers=2))
+    held = {"selfplay": [50, 100], "target": [0, 100]}
+    owner.inbox.deliver("priorities", 0, (120, np.arange(4), np.ones(4), held))
+    step, positions, priorities = owner.take_priorities(1.0)
+    assert step == 120 and list(positions) == [0, 1, 2, 3] and list(priorities) == [1] * 4
+    owner.wait_for_training(120)
+    model = torch.nn.Linear(2, 2)
+    assert owner.load("target", model, 120, loaded=100) == 100
+
+    helper = RayTransport(NoHub(), tiny_spec(tmp_path, reanalysers=2))
+    sent = []
+    owner._put = lambda name, item: sent.append((name, item)) or True
+    owner.put_reanalysis_job(1, 100, np.zeros((2, 4), np.float32))
+    name, item = sent[0]
+    helper.inbox.deliver(name, 0, item)
+    target_step, obs = helper.take_reanalysis_job(1, 1.0)
+    assert target_step == 100 and obs.shape == (2, 4)
+    assert helper.load("target", model, target_step, loaded=100) == 100

@@ -166,7 +166,6 @@ def run_learner(spec: PipelineSpec, transport: Transport) -> None:
         target_before = learner.target_version
         metrics, prio = learner.train_step(batch)
         steps = learner.steps
-        source.send_priorities(steps, batch.positions, prio)
         for name in METRICS:
             counters.add(f"{name}_sum", metrics[name])
         if steps % run.selfplay_update_interval == 0:
@@ -178,7 +177,9 @@ def run_learner(spec: PipelineSpec, transport: Transport) -> None:
             counters["target_version"] = learner.target_version
         if steps % run.eval_interval == 0 or steps == total_train:
             transport.publish("eval", learner.model.state_dict(), steps)
-        # Last: readers waiting for this step's weights find them published.
+        # After the publishes: whoever has this step's priorities or sees this step trained
+        # finds its weights published.
+        source.send_priorities(steps, batch.positions, prio)
         counters["train_steps"] = steps
         if steps % run.checkpoint_interval == 0:
             checkpoint()

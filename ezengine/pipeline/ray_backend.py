@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import math
 import os
+import sys
 import threading
 import time
 import traceback
@@ -148,6 +149,8 @@ class Hub:
     # -------------------------------------------------------------- weights, counters
 
     async def publish(self, kind: str, flat: np.ndarray, step: int) -> None:
+        """Hold `flat` as the `kind` weights of training `step`, which the learner has
+        trained: the waits for it end here (its own write of train_steps comes later)."""
         if kind == "eval":
             self.eval = (step, flat)
         else:
@@ -155,6 +158,9 @@ class Hub:
             held[step] = flat
             while len(held) > HISTORY_SLOTS:
                 del held[min(held)]
+        if self.counters["train_steps"] < step:
+            self.counters["train_steps"] = step
+            await self._notify()
 
     def choose(self, kind: str, step: int) -> int | None:
         """The training step of the publish a reader of `step` takes (None: none yet)."""
@@ -266,7 +272,8 @@ class Inbox:
 
 class HubCounters:
     """The hub's counters behind the Counters interface, with few round trips and no wait
-    but for a read: additions, and writes of the counters only progress rows read (SHOWN),
+    but for a read: additions, and writes of the counters only progress rows read (SHOWN;
+    the learner's train_steps too, which each publish of weights brings the hub at once),
     are gathered here and sent together at most every FLUSH_S (and before any read); any
     other write goes at once, with them, in one call sent without waiting (a write that
     must follow another call is made after that call returned: see RayTransport). The two
@@ -276,7 +283,7 @@ class HubCounters:
     FLUSH_S = 0.25  # each role actor: at most 4 counter calls and 4 flag reads a second
     FLAGS = ("stop", "learner_done")
     SHOWN = ("learner_wait_s", "replay_env_steps", "replay_positions", "recent_return",
-             "target_version")
+             "target_version", "train_steps")
 
     def __init__(self, hub: Any, ray: Any) -> None:
         self.hub = hub
@@ -352,13 +359,13 @@ class RayTransport:
         self.layout = transition_layout(spec.cfg(), spec.env)
         self.trained = -1  # training steps done, as of the last wait
         self.held: dict[str, list[int]] = {}  # publishes held then, by kind
+        self.published: dict[str, list[int]] = {}  # the learner's: its publishes held, by kind
         queues = direct_queues(spec)
         self.inbox = Inbox({name: slots for name, (_, slots) in queues.items()})
         self.takers = {name: taker for name, (taker, _) in queues.items()}
         self.peers: dict[str, Any] = {}  # role name -> its actor, as asked of the hub
         self.last_put: dict[str, Any] = {}  # by queue: the put not yet confirmed
         self.put_count: dict[str, int] = {}  # by queue: puts sent
-        self.next_wait: tuple[int, Any] = (-1, None)  # the wait already asked for: step, call
         self.records_sent: dict[int, deque] = {}  # by collector: puts not yet seen queued
         self.record_count: dict[int, int] = {}  # by collector: records sent
         self.records_taken: dict[int, deque] = {}  # by collector: taken, not yet handed out
@@ -451,18 +458,29 @@ class RayTransport:
     def take_batch(self, timeout: float) -> TrainingBatch:
         return self._take("batches", timeout)
 
+    # What a reader needs to know of training (the steps trained, the publishes held) also
+    # travels with the priorities and the reanalysis jobs: the learner publishes before it
+    # sends a step's priorities, so their taker needs no call to the hub for it.
+    def _learned(self, trained: int, held: Mapping[str, list[int]]) -> None:
+        if trained > self.trained:
+            self.trained, self.held = trained, dict(held)
+
     def put_priorities(self, step: int, positions: np.ndarray, priorities: np.ndarray
                        ) -> bool:
-        return self._put("priorities", (step, positions, priorities))
+        return self._put("priorities", (step, positions, priorities, self.published))
 
     def take_priorities(self, timeout: float) -> tuple[int, np.ndarray, np.ndarray]:
-        return self._take("priorities", timeout)
+        step, positions, priorities, held = self._take("priorities", timeout)
+        self._learned(step, held)
+        return step, positions, priorities
 
     def put_reanalysis_job(self, part: int, target_step: int, obs: np.ndarray) -> bool:
-        return self._put(f"jobs-{part}", (target_step, obs))
+        return self._put(f"jobs-{part}", (target_step, obs, self.trained, self.held))
 
     def take_reanalysis_job(self, part: int, timeout: float) -> tuple[int, np.ndarray]:
-        return self._take(f"jobs-{part}", timeout)
+        target_step, obs, trained, held = self._take(f"jobs-{part}", timeout)
+        self._learned(trained, held)
+        return target_step, obs
 
     def put_reanalysis_result(self, part: int, visit_counts: np.ndarray) -> bool:
         return self._put(f"results-{part}", visit_counts)
@@ -472,6 +490,9 @@ class RayTransport:
 
     def publish(self, kind: str, state: Mapping[str, torch.Tensor], step: int) -> None:
         self._call(self.hub.publish, kind, flatten_state(state), step)
+        if kind != "eval":  # as the hub holds them
+            self.published[kind] = sorted({*self.published.get(kind, []), step}
+                                          )[-HISTORY_SLOTS:]
 
     def load(self, kind: str, model: torch.nn.Module, step: int, loaded: int | None
              ) -> int | None:
@@ -492,17 +513,9 @@ class RayTransport:
         return chosen
 
     def wait_for_training(self, step: int) -> None:
-        if step <= self.trained:
-            return
-        while True:
-            # The reanalyse role asks for each step in turn: its next wait is asked for
-            # as soon as this one returns (a reader of another step asks afresh).
-            asked, ref = self.next_wait
-            if asked != step:
-                ref = self.hub.wait_for_training.remote(step, self.HUB_WAIT_S)
-            done, self.trained, self.held = self.ray.get(ref)
-            ahead = step + 1 if done else step
-            self.next_wait = (ahead, self.hub.wait_for_training.remote(ahead, self.HUB_WAIT_S))
+        while step > self.trained:
+            done, trained, held = self._call(self.hub.wait_for_training, step, self.HUB_WAIT_S)
+            self._learned(trained, held)
             if done or self.counters["stop"]:
                 return
 
@@ -517,10 +530,15 @@ class RoleActor:
     """One role of the run, in its own Ray worker process (see pipeline/child.py for the
     local backend's counterpart)."""
 
+    SWITCH_INTERVAL_S = 0.001
+
     def __init__(self, role: str, index: int, spec: PipelineSpec, hub: Any) -> None:
         from ezengine.device import configure_torch
 
         configure_torch(threads=1)
+        # Items arrive on another thread (deliver) while run() computes: let that thread
+        # have the interpreter within a millisecond, not Python's default 5 ms.
+        sys.setswitchinterval(self.SWITCH_INTERVAL_S)
         self.role, self.index, self.spec = role, index, spec
         self.transport = RayTransport(hub, spec)
 
