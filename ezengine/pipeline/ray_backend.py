@@ -357,7 +357,7 @@ class RayTransport:
         self.spec = spec
         self.counters = HubCounters(hub, self.ray)
         self.layout = transition_layout(spec.cfg(), spec.env)
-        self.trained = -1  # training steps done, as of the last wait
+        self.trained = -1  # training steps done, as last learnt (a wait, priorities, a job)
         self.held: dict[str, list[int]] = {}  # publishes held then, by kind
         self.published: dict[str, list[int]] = {}  # the learner's: its publishes held, by kind
         queues = direct_queues(spec)
