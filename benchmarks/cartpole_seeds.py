@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of every finished child process, theirs included: a
+    run's CPU cost, which the machine's load does not stretch as it does the wall clock."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def one_run(mode: str, seed: int, overrides: list[str], keep: Path | None,
             serial_cpu: int = 1, beside: str | None = None) -> dict:
     """Train, then score with `ezengine eval --episodes 20`; the run's own record. The run
@@ -76,10 +84,10 @@ def one_run(mode: str, seed: int, overrides: list[str], keep: Path | None,
         neighbour = (subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
                      if mode == "neighbour" and beside is None else None)
         try:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), children_cpu_s()
             proc = subprocess.run(train_command(mode, seed, run_dir, overrides, serial_cpu),
                                   cwd=ROOT, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, children_cpu_s() - cpu0
         finally:
             if neighbour is not None:
                 neighbour.kill()
@@ -97,6 +105,7 @@ def one_run(mode: str, seed: int, overrides: list[str], keep: Path | None,
         return {
             "done_in_s": int(done.group(1)) if done else None,
             "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1),
             "evals": [[e["env_steps"], round(e["mean_return"], 1)] for e in evals],
             "first_475_env_steps": first["env_steps"] if first else None,
             "final_eval": round(evals[-1]["mean_return"], 2) if evals else None,

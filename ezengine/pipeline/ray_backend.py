@@ -647,8 +647,11 @@ class RayTrainer(PipelineTrainer):
         # owner (reanalyse) rebuilds from its transition logs on resume: this node's.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                               soft=False)
+        # Task events (Ray's per-call tracing for its dashboard) off: the run makes about a
+        # hundred calls a second, each otherwise recorded and reported to Ray's GCS.
         hub = ray.remote(Hub).options(num_cpus=0, max_concurrency=1000,
-                                      scheduling_strategy=here).remote(
+                                      scheduling_strategy=here,
+                                      enable_task_events=False).remote(
             spec, {"train_steps": resume_from[0], "replay_env_steps": resume_from[1]})
         errors = ErrorList()
         actors: list[Any] = []
@@ -662,7 +665,8 @@ class RayTrainer(PipelineTrainer):
             placement = ("DEFAULT" if role == "collector" or (role == "reanalyse" and index)
                          else here)
             actor = ray.remote(RoleActor).options(num_cpus=cpus, max_concurrency=threads,
-                                                  scheduling_strategy=placement).remote(
+                                                  scheduling_strategy=placement,
+                                                  enable_task_events=False).remote(
                 role, index, spec, hub)
             hub.register.remote(name, actor)
             actors.append(actor)
