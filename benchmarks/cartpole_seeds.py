@@ -14,10 +14,10 @@ row), not a busy loop. A run's result does not depend on timing (the timetable,
 docs/architecture.md), so two serial or one-core runs may share the machine, one per CPU;
 only their times then say nothing. A run already in the output file (same seed, mode and
 overrides) is skipped. Each row records the commit it ran with and the run's CPU seconds
-(`cpu_s`: a cost that runs sharing the machine stretch far less than its wall clock); rows carried over from an
-earlier study with `"timed_at": COMMIT` have their times marked in the table. `--table`
-prints the file as a Markdown table instead (`--by-seed`: one line per seed, the modes side
-by side).
+(`cpu_s`: a cost that runs sharing the machine stretch far less than its wall clock); rows
+carried over from an earlier study with `"timed_at": COMMIT` have their times marked in the
+table. `--table` prints the file as a Markdown table instead (`--by-seed`: one line per
+seed, the modes side by side).
 """
 
 from __future__ import annotations
