@@ -70,7 +70,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def children_cpu_s() -> float:
     """CPU seconds (user + system) of every finished child process, theirs included: a
-    run's CPU cost, which the machine's load does not stretch as it does the wall clock."""
+    run's CPU cost, which the machine's load stretches far less than its wall clock."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
