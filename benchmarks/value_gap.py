@@ -38,22 +38,18 @@ def episode_rows(agent: Agent, log: np.ndarray, env: int, gamma: float
     """(env step, value, actual discounted return) for every state environment `env` of
     this collector's log visited."""
     rows: list[tuple[int, float, float]] = []
+    done = log["terminated"][:, env] | log["truncated"][:, env]
+    ends = [*(np.flatnonzero(done) + 1).tolist(), len(log)]  # the last one: still open
     start = 0
-    for t in range(len(log) + 1):
-        done = t < len(log) and (log["terminated"][t, env] or log["truncated"][t, env])
-        if not done and t < len(log):
-            continue
-        end = t + 1 if t < len(log) else len(log)
+    for end in ends:
         if end <= start:
-            break
+            continue
         ep = log[start:end]
-        states = np.asarray(ep["frames"][:, env], dtype=np.float32)
-        values = model_values(agent, states)
+        values = model_values(agent, np.asarray(ep["frames"][:, env], dtype=np.float32))
         last = ep[-1]
-        tail = 0.0 if (t < len(log) and last["terminated"][env]) else float(
+        g = 0.0 if last["terminated"][env] else float(
             model_values(agent, np.asarray(last["final_obs"][env:env + 1], np.float32))[0])
         returns = np.empty(len(ep))
-        g = tail
         for i in range(len(ep) - 1, -1, -1):
             g = float(ep["rewards"][i, env]) + gamma * g
             returns[i] = g
