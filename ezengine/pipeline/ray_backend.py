@@ -670,7 +670,11 @@ class RayTrainer(PipelineTrainer):
                 role, index, spec, hub)
             hub.register.remote(name, actor)
             actors.append(actor)
-            self.echo(f"{name}: Ray actor, {ray.get(actor.where.remote())}")
+            # Not waited for: the actors start (each a fresh process importing torch) side
+            # by side, and each says where it runs once it is up.
+            actor.where.remote().future().add_done_callback(
+                lambda done: None if done.exception() else self.echo(
+                    f"{name}: Ray actor, {done.result()}"))
             return ActorProcess(ray, actor, name, errors)
 
         self.metrics = MetricsWriter(self.run_dir)
