@@ -22,7 +22,7 @@ import torch
 
 from ezengine.checkpoint import load_checkpoint
 from ezengine.config import Config, config_from_dict
-from ezengine.device import resolve_device
+from ezengine.device import configure_torch_for, resolve_device
 from ezengine.envs import describe_env
 from ezengine.evaluate import evaluate
 from ezengine.frames import stacked_shape
@@ -143,7 +143,9 @@ class Agent:
                 f"The checkpoint's stored config must be the one the model was trained with "
                 f"(was the config or a model.* override changed?). PyTorch says: {detail}"
             ) from None
-        net.to(resolve_device(device))
+        where = resolve_device(device)
+        configure_torch_for(where)
+        net.to(where)
         return cls(net, cfg, checkpoint=file, label=_label(file),
                    train_steps=int(state["learner"].get("steps", 0)),
                    env_steps=int(state.get("env_steps", 0)), observation_shape=shape, seed=seed)

@@ -28,7 +28,7 @@ from ezengine.batch import TrainingBatch
 from ezengine.checkpoint import save_checkpoint
 from ezengine.collector import Collector
 from ezengine.config import Config, save_config
-from ezengine.device import configure_torch, resolve_device
+from ezengine.device import configure_torch_for, resolve_device
 from ezengine.envs import VectorEnv
 from ezengine.evaluate import describe_evaluation, evaluate
 from ezengine.learner import Learner
@@ -73,9 +73,7 @@ class SerialTrainer:
         self.run_dir = Path(run_dir)
         self.echo = echo
         self.device = resolve_device(cfg.run.device)
-        # One intra-op thread on CPU, as in every pipeline process: this model's ops are
-        # small, and the same thread count gives the pipeline's numbers exactly.
-        configure_torch(threads=1 if self.device.type == "cpu" else None)
+        configure_torch_for(self.device)
         self.collectors: list[Collector] = []
         for i in range(num_collectors):
             seed = collector_seed(cfg, i)

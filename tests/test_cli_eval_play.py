@@ -93,6 +93,18 @@ def test_agent_api(run: Path) -> None:
         checkpoint_path(run, "best")
 
 
+def test_agent_on_cpu_uses_one_torch_thread(run: Path) -> None:
+    """Two intra-op threads beside a busy training run made `ezengine eval` of CartPole
+    take minutes instead of seconds; the agent runs with one, as the pipeline does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        Agent.load(run, device="cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_example_script(run: Path) -> None:
     proc = ez(sys.executable, "examples/evaluate_checkpoint.py", run, "--episodes", "1")
     record = json.loads(proc.stdout[proc.stdout.index("{"):])
