@@ -425,3 +425,43 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path):
         load_checkpoint(tmp_path / "obj.pt")
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------- input scaling
+
+
+def test_observation_scaler_statistics_by_hand():
+    from ezengine.model import ObservationScaler
+
+    rng = np.random.default_rng(0)
+    scaler = ObservationScaler(2)
+    batches = [rng.normal([0.0, 5.0], [0.05, 2.0], size=(10, 2)) for _ in range(3)]
+    for x in batches:
+        scaler.update(torch.tensor(x, dtype=torch.float32))
+    seen = np.concatenate(batches)  # the running phase: every sample weighs the same
+    np.testing.assert_allclose(scaler.mean.numpy(), seen.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scaler.var.numpy(), seen.var(0), rtol=1e-4)
+    assert float(scaler.count) == 30
+    x = torch.tensor([[0.05, 5.0], [100.0, -100.0]])
+    expected = (x.numpy() - seen.mean(0)) / seen.std(0)
+    np.testing.assert_allclose(scaler(x).numpy(), np.clip(expected, -10, 10), rtol=1e-4)
+    # Past 1000 batches' worth a new batch weighs 1/1000: a moving average.
+    scaler.count.fill_(1e9)
+    before = scaler.mean.clone()
+    scaler.update(torch.full((10, 2), 1000.0))
+    np.testing.assert_allclose((scaler.mean - before).numpy(),
+                               1e-3 * (1000.0 - before.numpy()), rtol=1e-4)
+
+
+def test_learner_folds_each_batch_into_the_input_scaler():
+    cfg = make_cfg().replace(model={"scale_observations": True})
+    learner = make_learner(cfg)
+    scaler = learner.model.representation_net.scaler
+    batch = make_batch(3)
+    learner.train_step(batch)
+    root_obs = batch.frames[:, 0]  # the observations at t, not the unroll's targets
+    np.testing.assert_allclose(scaler.mean.numpy(), root_obs.mean(0), rtol=1e-5, atol=1e-6)
+    assert float(scaler.count) == B
+    # The statistics are part of the weights: they reach the target model and checkpoints.
+    assert "representation_net.scaler.mean" in learner.model.state_dict()
+    assert build_model(make_cfg().model, (OBS,), A, 1).representation_net.scaler is None
