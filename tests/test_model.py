@@ -15,7 +15,7 @@ from ezengine.model import EfficientZeroNet, InitialOutput, RecurrentOutput, bui
 MODEL_FIELDS = (
     "kind", "channels", "reduced_channels", "latent_dim", "hidden_dim", "lstm_hidden",
     "head_hidden", "support_size", "projection_hidden", "projection_dim",
-    "projection_head_hidden", "norm", "conv_body", "blocks", "scale_observations",
+    "projection_head_hidden", "norm", "conv_body", "blocks",
 )
 
 
@@ -25,7 +25,7 @@ def _cfg(**overrides: object) -> SimpleNamespace:
         "kind": "conv", "channels": 64, "reduced_channels": 16, "latent_dim": 64,
         "hidden_dim": 128, "lstm_hidden": 512, "head_hidden": [32], "support_size": 300,
         "projection_hidden": 1024, "projection_dim": 1024, "projection_head_hidden": 512,
-        "norm": "batch", "conv_body": "auto", "blocks": 2, "scale_observations": False,
+        "norm": "batch", "conv_body": "auto", "blocks": 2,
     }
     base.update(overrides)
     return SimpleNamespace(**base)
