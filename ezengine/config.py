@@ -142,9 +142,6 @@ class ModelConfig:
     projection_dim: int = _f(1024, "output size of the SimSiam projector", _POSITIVE)
     projection_head_hidden: int = _f(512, "hidden width of the SimSiam prediction head",
                                      _POSITIVE)
-    scale_observations: bool = _f(False, "mlp only: shift and scale each input dimension by "
-                                  "the running mean and std of the training batches' "
-                                  "observations (kept in the model)")
     norm: str = _f("batch", "normalisation of the fully connected layers: 'batch' (the "
                    "paper's BatchNorm1d) or 'layer' (LayerNorm: no train/eval mismatch; "
                    "conv layers keep BatchNorm2d)", _choices("batch", "layer"))

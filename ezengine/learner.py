@@ -122,8 +122,6 @@ class Learner:
         S = model.support_size
         dev = self.device
         obs, next_obs = self._inputs(batch.frames, lc.augmentation)
-        if model.training:
-            model.update_observation_stats(obs)
         b = obs.shape[0]
         actions = torch.from_numpy(batch.actions).to(dev)
         z = torch.from_numpy(batch.value_targets).to(dev)

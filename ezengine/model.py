@@ -229,57 +229,18 @@ class ConvPrediction(nn.Module):
 # --------------------------------------------------------------------------- mlp body
 
 
-class ObservationScaler(nn.Module):
-    """Each input dimension shifted and scaled by a running mean and standard deviation of
-    the observations the learner trains on, then clipped to +-10.
-
-    Vector observations mix scales (CartPole's pole angle varies 20x less than its cart
-    position); unscaled, the first layer is slow to become as sensitive to the small ones.
-    The statistics are buffers, so they travel with the weights and the checkpoint; only
-    :meth:`update` (the learner, once per training batch) changes them: a running average
-    over all batches so far until it weighs each new batch 1/1000, then a moving one.
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("var", torch.ones(dim))
-        self.register_buffer("count", torch.zeros(()))
-
-    @torch.no_grad()
-    def update(self, x: Tensor) -> None:
-        """Fold a batch [B, dim] into the statistics."""
-        x = x.float()
-        b = x.shape[0]
-        w = max(b / (float(self.count) + b), 1e-3)
-        bm, bv = x.mean(0), x.var(0, unbiased=False)
-        delta = bm - self.mean
-        self.var.mul_(1.0 - w).add_(w * bv + w * (1.0 - w) * delta * delta)
-        self.mean.add_(w * delta)
-        self.count.add_(b)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ((x - self.mean) * torch.rsqrt(self.var + 1e-8)).clamp(-10.0, 10.0)
-
-
 class MLPRepresentation(nn.Module):
-    """[B, D*stack] float -> [B, latent_dim], min-max normalised to [0, 1] per sample;
-    the inputs first go through an :class:`ObservationScaler` when `scale_inputs`."""
+    """[B, D*stack] float -> [B, latent_dim], min-max normalised to [0, 1] per sample."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, latent_dim: int,
-                 scale_inputs: bool = False) -> None:
+    def __init__(self, in_dim: int, hidden_dim: int, latent_dim: int) -> None:
         super().__init__()
-        self.scaler = ObservationScaler(in_dim) if scale_inputs else None
         self.net = nn.Sequential(
             nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(),
             nn.Linear(hidden_dim, latent_dim),
         )
 
     def forward(self, obs: Tensor) -> Tensor:
-        x = obs.float()
-        if self.scaler is not None:
-            x = self.scaler(x)
-        return _normalize_min_max(self.net(x))
+        return _normalize_min_max(self.net(obs.float()))
 
 
 class MLPDynamics(nn.Module):
@@ -358,12 +319,6 @@ class EfficientZeroNet(nn.Module):
             nn.BatchNorm1d(projection_head_hidden), nn.ReLU(),
             nn.Linear(projection_head_hidden, projection_dim),
         )
-
-    def update_observation_stats(self, obs: Tensor) -> None:
-        """Fold a training batch's observations into the input scaler, if there is one."""
-        scaler = getattr(self.representation_net, "scaler", None)
-        if scaler is not None:
-            scaler.update(obs)
 
     def represent(self, obs: Tensor) -> Tensor:
         """obs (see :func:`build_model`) -> latent [B, C, h, w] or [B, latent_dim]."""
@@ -484,8 +439,7 @@ def build_model(cfg: Any, observation_shape: tuple[int, ...], num_actions: int,
             raise ValueError(f"model.kind 'mlp' needs vector observations, got observations "
                              f"of shape {observation_shape}; use model.kind 'conv' or 'auto'")
         in_dim = math.prod(observation_shape) * frame_stack
-        representation = MLPRepresentation(in_dim, cfg.hidden_dim, cfg.latent_dim,
-                                            cfg.scale_observations)
+        representation = MLPRepresentation(in_dim, cfg.hidden_dim, cfg.latent_dim)
         dynamics = MLPDynamics(cfg.latent_dim, cfg.hidden_dim, num_actions, cfg.lstm_hidden,
                                head_hidden, s)
         prediction = MLPPrediction(cfg.latent_dim, num_actions, head_hidden, s)
