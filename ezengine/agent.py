@@ -118,7 +118,8 @@ class Agent:
         ``overrides`` ("section.key=value", e.g. "env.eval_max_episode_steps=100") applied.
         FileNotFoundError if there is no checkpoint; ValueError, naming the file, if it is
         not an ezengine trainer checkpoint or its weights do not fit its config.
-        ``device``: "cpu", "cuda" or "auto".
+        ``device``: "cpu", "cuda" or "auto"; on CPU the process's torch then runs one
+        intra-op thread, as training does (``ezengine.device.configure_torch_for``).
         """
         file = checkpoint_path(path, model)
         state = load_checkpoint(file)
