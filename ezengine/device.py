@@ -28,5 +28,5 @@ def configure_torch_for(device: torch.device) -> None:
     as in every pipeline process. This model's ops are small: a second thread gains little
     alone and, beside another busy process, makes each op wait for a thread that has no
     core (`ezengine eval` of a CartPole run next to a training run went from 10 s to over
-    8 minutes); and the same thread count gives the training run's evaluations exactly."""
+    8 minutes); and the same thread count computes as the training run's own evaluations."""
     configure_torch(threads=1 if device.type == "cpu" else None)
