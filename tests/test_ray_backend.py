@@ -4,10 +4,12 @@ instance: a short run, Ctrl-C with a final checkpoint, a resume, and a killed ac
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +28,49 @@ TINY = ["configs/cartpole.yaml", "--backend", "ray", "--device", "cpu", "--seed"
         "--set", "run.start_transitions=200", "--set", "run.eval_episodes=1",
         "--set", "run.eval_interval=100000", "--set", "run.log_interval_s=1",
         "--set", "run.checkpoint_interval=20", "--set", "model.lstm_hidden=16"]
+
+
+# How long a run may print nothing before a test calls it stuck. Tests wait on progress,
+# not on the clock: a run on a loaded machine is slow, but it keeps printing its progress
+# (every run.log_interval_s, 1 s here).
+QUIET_S = 180.0
+
+
+class Run:
+    """A training run in a subprocess, its output read line by line as it comes."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.seen: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _next_line(self) -> str | None:
+        try:
+            line = self._lines.get(timeout=QUIET_S)
+        except queue.Empty:
+            pytest.fail(f"the run printed nothing for {QUIET_S:.0f}s:\n" + "".join(self.seen))
+        if line is not None:
+            self.seen.append(line)
+        return line
+
+    def wait_for_line(self, pattern: str) -> str:
+        """The first line from now on that matches `pattern`."""
+        while (line := self._next_line()) is not None:
+            if re.search(pattern, line):
+                return line
+        pytest.fail(f"run ended before a line matching {pattern!r}:\n" + "".join(self.seen))
+
+    def finish(self) -> tuple[int, str]:
+        """Wait for the run to end while it keeps printing: (exit code, all its output)."""
+        while self._next_line() is not None:
+            pass
+        return self.proc.wait(), "".join(self.seen)
 
 
 STARTED: list[subprocess.Popen] = []
@@ -47,26 +92,13 @@ def stop_leftover_runs():
                 proc.wait()
 
 
-def start(args: list[str]) -> subprocess.Popen:
+def start(args: list[str]) -> Run:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-c", "from ezengine.cli import main; main()", "train", *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     STARTED.append(proc)
-    return proc
-
-
-def wait_for_line(proc: subprocess.Popen, pattern: str, timeout: float = 240.0) -> str:
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            pytest.fail("run ended early:\n" + "".join(seen))
-        seen.append(line)
-        if re.search(pattern, line):
-            return line
-    pytest.fail(f"no line matching {pattern!r}:\n" + "".join(seen))
+    return Run(proc)
 
 
 def records(run: Path) -> int:
@@ -76,20 +108,19 @@ def records(run: Path) -> int:
 
 def test_ctrl_c_checkpoints_and_a_resume_finishes_on_ray(tmp_path):
     run = tmp_path / "run"
-    proc = start([*TINY, "--env-steps", "800", "--run-dir", str(run)])
-    wait_for_line(proc, r"train (\d{2,}),?\d*/")  # training is under way
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    train = start([*TINY, "--env-steps", "800", "--run-dir", str(run)])
+    train.wait_for_line(r"train (\d{2,}),?\d*/")  # training is under way
+    train.proc.send_signal(signal.SIGINT)
+    code, out = train.finish()
+    assert code == 0, out
     assert "continue with `ezengine train --resume" in out
     stopped = load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"]
     logged = records(run)
     assert 0 < stopped < 400 and logged > 0
     before = (run / "replay" / "collector-0.bin").read_bytes()
 
-    proc = start(["--resume", str(run), "--backend", "ray"])
-    out, _ = proc.communicate(timeout=400)
-    assert proc.returncode == 0, out
+    code, out = start(["--resume", str(run), "--backend", "ray"]).finish()
+    assert code == 0, out
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] == 400
     # Nothing collected before the stop is lost: the log goes on from it.
     assert (run / "replay" / "collector-0.bin").read_bytes()[:len(before)] == before
@@ -99,14 +130,14 @@ def test_ctrl_c_checkpoints_and_a_resume_finishes_on_ray(tmp_path):
 
 def test_a_killed_actor_stops_the_run_naming_it(tmp_path):
     run = tmp_path / "run"
-    proc = start([*TINY, "--env-steps", "100000", "--run-dir", str(run)])
-    line = wait_for_line(proc, r"collector-0: Ray actor, pid \d+")
+    train = start([*TINY, "--env-steps", "100000", "--run-dir", str(run)])
+    line = train.wait_for_line(r"collector-0: Ray actor, pid \d+")
     pid = int(re.search(r"pid (\d+)", line)[1])
-    wait_for_line(proc, r"train (\d{2,}),?\d*/")
+    train.wait_for_line(r"train (\d{2,}),?\d*/")
     logged = records(run)
     os.kill(pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 1, out
+    code, out = train.finish()
+    assert code == 1, out
     assert "run failed in collector-0" in out and "SIGKILL" in out
     assert records(run) >= logged  # what was logged stays
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] > 0
@@ -118,10 +149,9 @@ def test_a_ray_run_is_the_local_run(tmp_path):
     # a Ray actor of its own, searching half of each batch's roots).
     def trained(name: str, backend: str) -> dict:
         args = [a if a != "ray" else backend for a in TINY]
-        proc = start([*args, "--env-steps", "600", "--run-dir", str(tmp_path / name),
-                      "--set", "run.reanalysers=2"])
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out
+        code, out = start([*args, "--env-steps", "600", "--run-dir", str(tmp_path / name),
+                           "--set", "run.reanalysers=2"]).finish()
+        assert code == 0, out
         return load_checkpoint(tmp_path / name / "checkpoints" / "latest.pt")["learner"]["model"]
 
     local, ray = trained("local", "local"), trained("ray", "ray")
