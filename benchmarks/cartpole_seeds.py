@@ -144,6 +144,9 @@ def table_by_seed(rows: list[dict]) -> str:
     def mark(row: dict) -> str:
         return "\u2020" if "timed_at" in row else ""
 
+    def cpu(row: dict) -> str:  # the CPU a run took: its own cost on a shared machine
+        return f" ({row['cpu_s']:,.0f} CPU-s)" if "cpu_s" in row else ""
+
     lines = ["| seed | evaluations every 1,000 env steps (mean return) | first >= 475 | "
              + " | ".join(f"{m}: `eval --episodes 20`, done in" for m in modes) + " |",
              "|---|---|---|" + "---|" * len(modes)]
@@ -158,7 +161,7 @@ def table_by_seed(rows: list[dict]) -> str:
                               for m, r in mine.items())
         first = " / ".join(f"{f:,}" if f else "never" for f in sorted(firsts, key=str))
         cells = [f"**{mine[m]['eval_20']:g}** ({mine[m]['eval_20_at_500']}/20), "
-                 f"{mine[m]['done_in_s']} s{mark(mine[m])}" if m in mine else ""
+                 f"{mine[m]['done_in_s']} s{cpu(mine[m])}{mark(mine[m])}" if m in mine else ""
                  for m in modes]
         lines.append(f"| {seed} | {curve} | {first} | " + " | ".join(cells) + " |")
     if older:
