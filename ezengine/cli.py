@@ -119,6 +119,11 @@ def train(config: Path | None, overrides: tuple[str, ...], env_steps: int | None
         cfg = load_config(config, extra)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    if address is not None and cfg.run.backend != "ray":
+        raise click.UsageError("--address joins a Ray cluster: add --backend ray")
+    if serial and cfg.run.backend == "ray":
+        raise click.UsageError("--serial runs every role in this process: leave out "
+                               "--backend ray (or set run.backend: local)")
     run_dir = run_dir or _default_run_dir(config)
     # torch and the trainers are imported here, not at the top: --help stays fast.
     from ezengine.atomic import DiskFullError

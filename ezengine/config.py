@@ -265,7 +265,8 @@ class RunConfig:
         "this number, not on timing", _POSITIVE)
     backend: str = _f(
         "local", "how the pipeline's roles run: 'local' (processes on this machine, shared "
-        "memory) or 'ray' (Ray actors on a cluster; pip install 'ezengine[ray]')",
+        "memory) or 'ray' (Ray actors on a cluster; pip install -e '.[ray]' in the "
+        "ezengine checkout)",
         _choices("local", "ray"))
     ray_address: str = _f(
         "", "with backend 'ray': the cluster to join ('auto': the one `ray start` made on "

@@ -138,9 +138,18 @@ def test_a_killed_actor_stops_the_run_naming_it(tmp_path):
     os.kill(pid, signal.SIGKILL)
     code, out = train.finish()
     assert code == 1, out
-    assert "run failed in collector-0" in out and "SIGKILL" in out
+    assert f"run failed in collector-0: collector-0's Ray actor died (pid {pid}; Ray: " in out
     assert records(run) >= logged  # what was logged stays
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] > 0
+
+
+def test_an_address_where_nothing_answers_is_one_line_at_once(tmp_path):
+    # Before: Ray retried the address for minutes, printing its own warnings.
+    run = tmp_path / "run"
+    code, out = start([*TINY, "--address", "127.0.0.1:1", "--run-dir", str(run)]).finish()
+    assert code == 1, out
+    assert "could not start or join the Ray cluster at '127.0.0.1:1': nothing answers" in out
+    assert "Traceback" not in out and not run.exists()
 
 
 def test_a_ray_run_is_the_local_run(tmp_path):
@@ -261,6 +270,46 @@ def tiny_spec(tmp_path: Path, reanalysers: int = 1):
         selfplay_weights=[], target_weights=[], eval_weights=None, search_requests=[],
         search_results=[], reanalysis_jobs=[], reanalysis_results=[], prefix="",
         supervisor_pid=os.getpid())
+
+
+def test_records_sent_when_the_run_stops_are_logged_not_dropped(tmp_path):
+    # A Ray collector steps its environments before it sends the record, so a record that
+    # waits for room when the run stops is collected data. Before, the hub dropped it.
+    import asyncio
+
+    from ezengine.config import load_config
+    from ezengine.pipeline.layouts import transition_layout
+    from ezengine.pipeline.ray_backend import Hub
+    from ezengine.pipeline.spec import RING_SLOTS
+    from ezengine.pipeline.transition_log import TransitionLog, log_path
+
+    spec = tiny_spec(tmp_path)
+    layout = transition_layout(load_config(ROOT / "configs/cartpole.yaml"), spec.env)
+    room = RING_SLOTS["transitions"]
+
+    def record(seq: int) -> dict:
+        rec = {name: np.zeros(shape, dtype) for name, shape, dtype in layout}
+        rec["env_steps"][...] = seq
+        return rec
+
+    async def stop_while_full() -> tuple[bool, bool]:
+        (tmp_path / "replay").mkdir()
+        hub = Hub(spec, {})
+        hub.WAIT_S = 0.05
+        for seq in range(room):
+            assert await hub.put_record(0, seq, record(seq))
+        waiting = asyncio.ensure_future(hub.put_record(0, room, record(room)))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # the queue is full
+        hub.counters["stop"] = 1
+        await hub._notify()
+        # Record room + 1 never arrives: the one after it gives up once stopped.
+        return await waiting, await hub.put_record(0, room + 2, record(room + 2))
+
+    logged_at_stop, orphan = asyncio.run(stop_while_full())
+    assert logged_at_stop and not orphan
+    logged = TransitionLog(log_path(tmp_path, 0), layout).read()
+    assert [int(v[0]) for v in logged["env_steps"]] == list(range(room + 1))
 
 
 def test_a_publish_ends_the_waits_for_its_training_step(tmp_path):

@@ -124,6 +124,20 @@ def test_an_unknown_atari_game_is_one_line_and_creates_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--address", "auto"], "--address joins a Ray cluster: add --backend ray"),
+    (["--serial", "--backend", "ray"], "--serial runs every role in this process: leave out "
+                                       "--backend ray"),
+])
+def test_ray_options_a_run_would_ignore_are_refused(tmp_path, args, message):
+    # Before: --address without --backend ray trained locally, and --serial trained in one
+    # process, each ignoring the Ray option without a word.
+    small = [a for a in TINY_SERIAL if a != "--serial"]
+    code, out = cli("train", CARTPOLE, *small, *args, "--run-dir", str(tmp_path / "r"))
+    assert code == 2 and message in out, out
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu_is_one_line_and_creates_nothing(tmp_path):
     code, out = cli("train", CARTPOLE, "--device", "cuda", "--run-dir", str(tmp_path / "r"))

@@ -21,6 +21,8 @@ import asyncio
 import dataclasses
 import math
 import os
+import re
+import socket
 import sys
 import threading
 import time
@@ -57,8 +59,21 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ValueError("--backend ray needs Ray: pip install 'ezengine[ray]'") from None
+        raise ValueError("--backend ray needs Ray: pip install -e \".[ray]\" in the ezengine "
+                         "checkout (or pip install 'ray>=2.40')") from None
     return ray
+
+
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """A ConnectionError at once if `address` (HOST:PORT) takes no connection: Ray itself
+    retries an unreachable head for minutes. 'auto' and ray:// addresses are Ray's."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc})") from None
 
 
 class Hub:
@@ -103,13 +118,24 @@ class Hub:
 
     async def put_record(self, collector: int, seq: int, record: dict) -> bool:
         """Log and queue the collector's `seq`-th record (numbered from this run's start),
-        once it is next in order and its queue has room; False if the run stops first."""
+        once it is next in order and its queue has room. The collector stepped its
+        environments for it before sending it, so once the run stops room no longer
+        counts: the record is logged, not dropped (False if its turn does not come within
+        WAIT_S of the stop: an earlier record never arrived)."""
         queue = self.records[collector]
-        while not await self._wait(lambda: (self.record_seq[collector] == seq
-                                            and len(queue) < RING_SLOTS["transitions"]),
+
+        def turn() -> bool:
+            return self.record_seq[collector] == seq
+
+        while not await self._wait(lambda: turn() and len(queue) < RING_SLOTS["transitions"],
                                    self.WAIT_S):
             if self.counters["stop"]:
-                return False
+                async with self.changed:
+                    try:
+                        await asyncio.wait_for(self.changed.wait_for(turn), self.WAIT_S)
+                    except TimeoutError:
+                        return False
+                break
         self.logs[collector].append(record)
         queue.append(record)
         self.record_seq[collector] += 1
@@ -564,6 +590,18 @@ class RoleActor:
             self.transport.counters.flush()  # its last additions and progress writes
 
 
+def actor_death(message: str) -> str:
+    """How an actor's process ended, from a RayActorError's text: its pid and Ray's exit
+    type and detail (Ray cannot tell a kill signal from the out-of-memory killer)."""
+    pid = re.search(r"pid: (\d+)", message)
+    kind = re.search(r"exit type: (\w+)", message)
+    detail = re.search(r"exit detail: ([^.]*)", message)
+    said = ", ".join(m[1].strip() for m in (kind, detail) if m)
+    return ((f"pid {pid[1]}; " if pid else "") + (f"Ray: {said}" if said else
+            message.strip().splitlines()[0]) + "): a kill signal, the out-of-memory killer "
+            "or a lost node")
+
+
 class ActorProcess:
     """A role's actor seen as a process (exitcode, join, is_alive, kill) by the
     supervisor's watch loop; a failure's traceback goes to `errors`."""
@@ -581,8 +619,12 @@ class ActorProcess:
                 try:
                     self.ray.get(self.ref)
                     self._code = 0
-                except self.ray.exceptions.RayActorError:
-                    self._code = -9  # the actor's process died (SIGKILL, a lost node)
+                except self.ray.exceptions.RayActorError as exc:
+                    # The actor's process died (SIGKILL, out of memory, a lost node): Ray
+                    # knows which, not the exit code.
+                    self.errors.append((self.name, f"{self.name}'s Ray actor died ("
+                                        + actor_death(str(exc))))
+                    self._code = -9
                 except self.ray.exceptions.RayTaskError as exc:
                     self.errors.append((self.name, str(exc)))
                     self._code = 1
@@ -621,9 +663,17 @@ class RayTrainer(PipelineTrainer):
         if started:
             # No dashboard and no extra logging setup: a local run needs neither. A local
             # instance holds every actor, as the local backend starts every process.
-            ray.init(address=address, include_dashboard=False, configure_logging=False,
-                     **({} if address else {"num_cpus": max(os.cpu_count() or 1,
-                                                            math.ceil(needed))}))
+            try:
+                check_reachable(address)
+                ray.init(address=address, include_dashboard=False, configure_logging=False,
+                         **({} if address else {"num_cpus": max(os.cpu_count() or 1,
+                                                                math.ceil(needed))}))
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+                self.echo(f"could not start or join {where}: {str(exc).strip().splitlines()[0]}"
+                          + (" (is `ray start --head` running there? Without --address a "
+                             "run starts its own instance)" if address else ""))
+                return 1
         have = ray.cluster_resources().get("CPU", 0)
         if have < needed:
             self.echo(f"the Ray cluster has {have:g} CPUs; this run's {len(self.roles())} "
