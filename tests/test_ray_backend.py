@@ -3,6 +3,7 @@ instance: a short run, Ctrl-C with a final checkpoint, a resume, and a killed ac
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import re
@@ -310,6 +311,27 @@ def test_records_sent_when_the_run_stops_are_logged_not_dropped(tmp_path):
     assert logged_at_stop and not orphan
     logged = TransitionLog(log_path(tmp_path, 0), layout).read()
     assert [int(v[0]) for v in logged["env_steps"]] == list(range(room + 1))
+
+
+def test_actors_take_the_drivers_reanalysis_placement_not_their_own_device(monkeypatch):
+    # A run with --device cuda: its driver (the GPU node) puts reanalysis in the learner;
+    # a helper or collector on a CPU-only node must route by that decision, not resolve
+    # 'cuda' itself (before, it failed there: "torch sees no CUDA GPU here").
+    from ezengine.config import load_config
+    from ezengine.pipeline import learner_role
+    from ezengine.pipeline.ray_backend import actor_config, direct_queues
+
+    cfg = load_config(ROOT / "configs/cartpole.yaml", ["run.device=cuda",
+                                                       "run.reanalysers=2"])
+    with monkeypatch.context() as gpu_node:
+        gpu_node.setattr(learner_role, "resolve_device", lambda name: torch.device("cuda"))
+        config = actor_config(cfg)
+    assert config["run"]["reanalyse_placement"] == "learner"
+    spec = dataclasses.replace(tiny_spec(Path("/nonexistent")), config=config)
+    queues = direct_queues(spec)  # on this CPU-only machine
+    assert queues["priorities"][0] == "learner" and queues["results-1"][0] == "learner"
+    assert actor_config(load_config(ROOT / "configs/cartpole.yaml", ["run.device=cpu"])
+                        )["run"]["reanalyse_placement"] == "worker"
 
 
 def test_a_publish_ends_the_waits_for_its_training_step(tmp_path):

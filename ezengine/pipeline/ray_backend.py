@@ -36,6 +36,8 @@ import numpy as np
 import torch
 
 from ezengine.batch import TrainingBatch
+from ezengine.config import Config, config_to_dict
+from ezengine.device import configure_torch, resolve_device
 from ezengine.envs import EnvDescription
 from ezengine.pipeline.layouts import transition_layout
 from ezengine.pipeline.learner_role import reanalyse_in_learner
@@ -559,8 +561,6 @@ class RoleActor:
     SWITCH_INTERVAL_S = 0.001
 
     def __init__(self, role: str, index: int, spec: PipelineSpec, hub: Any) -> None:
-        from ezengine.device import configure_torch
-
         configure_torch(threads=1)
         # Items arrive on another thread (deliver) while run() computes: let that thread
         # have the interpreter within a millisecond, not Python's default 5 ms.
@@ -650,6 +650,15 @@ class ErrorList(list):
         return self.pop(0)
 
 
+def actor_config(cfg: Config) -> dict:
+    """The run's config as the actors get it, with where reanalysis runs decided here, on
+    the node that holds the learner: with 'auto' it follows the learner's device, and an
+    actor on a CPU-only node must not resolve run.device for itself ('cuda' fails there)."""
+    config = config_to_dict(cfg)
+    config["run"]["reanalyse_placement"] = "learner" if reanalyse_in_learner(cfg) else "worker"
+    return config
+
+
 class RayTrainer(PipelineTrainer):
     """The pipeline's launcher on Ray: the hub and one actor per role (`roles()`), watched
     by the same loop as the local processes."""
@@ -684,11 +693,11 @@ class RayTrainer(PipelineTrainer):
             return 1
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from ezengine.config import config_to_dict
         from ezengine.metrics import MetricsWriter
 
+        on_cuda = resolve_device(self.cfg.run.device).type == "cuda"
         spec = PipelineSpec(
-            config=config_to_dict(self.cfg), run_dir=str(self.run_dir.resolve()), env=env,
+            config=actor_config(self.cfg), run_dir=str(self.run_dir.resolve()), env=env,
             num_collectors=self.num_collectors, resume=self.resume, transitions=[],
             batches=None, priorities=None, counters=None, selfplay_weights=[],
             target_weights=[], eval_weights=None, search_requests=[], search_results=[],
@@ -714,7 +723,11 @@ class RayTrainer(PipelineTrainer):
             # Collectors and reanalyse helpers only exchange arrays: anywhere.
             placement = ("DEFAULT" if role == "collector" or (role == "reanalyse" and index)
                          else here)
-            actor = ray.remote(RoleActor).options(num_cpus=cpus, max_concurrency=threads,
+            # The learner asks Ray for the GPU it trains on: Ray hides the GPUs from an
+            # actor that did not ask for one.
+            gpus = 1 if role == "learner" and on_cuda else 0
+            actor = ray.remote(RoleActor).options(num_cpus=cpus, num_gpus=gpus,
+                                                  max_concurrency=threads,
                                                   scheduling_strategy=placement,
                                                   enable_task_events=False).remote(
                 role, index, spec, hub)
