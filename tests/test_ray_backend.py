@@ -97,7 +97,8 @@ def start(args: list[str]) -> Run:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-c", "from ezengine.cli import main; main()", "train", *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)  # a process group of its own, as a terminal gives a command
     STARTED.append(proc)
     return Run(proc)
 
@@ -107,11 +108,12 @@ def records(run: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def test_ctrl_c_checkpoints_and_a_resume_finishes_on_ray(tmp_path):
+@pytest.mark.parametrize("resume_backend", ["ray", "local"])
+def test_ctrl_c_checkpoints_and_a_resume_finishes_with_either_backend(tmp_path, resume_backend):
     run = tmp_path / "run"
     train = start([*TINY, "--env-steps", "800", "--run-dir", str(run)])
     train.wait_for_line(r"train (\d{2,}),?\d*/")  # training is under way
-    train.proc.send_signal(signal.SIGINT)
+    os.killpg(train.proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole group
     code, out = train.finish()
     assert code == 0, out
     assert "continue with `ezengine train --resume" in out
@@ -120,7 +122,7 @@ def test_ctrl_c_checkpoints_and_a_resume_finishes_on_ray(tmp_path):
     assert 0 < stopped < 400 and logged > 0
     before = (run / "replay" / "collector-0.bin").read_bytes()
 
-    code, out = start(["--resume", str(run), "--backend", "ray"]).finish()
+    code, out = start(["--resume", str(run), "--backend", resume_backend]).finish()
     assert code == 0, out
     assert load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["steps"] == 400
     # Nothing collected before the stop is lost: the log goes on from it.
