@@ -663,6 +663,8 @@ class RayTrainer(PipelineTrainer):
     """The pipeline's launcher on Ray: the hub and one actor per role (`roles()`), watched
     by the same loop as the local processes."""
 
+    PLACE_WAIT_S = 60.0  # after this, a run whose actors are not all up says why
+
     def _launch(self, env: EnvDescription, size: int, resume_from: tuple[int, int]) -> int:
         ray = import_ray()
         address = self.cfg.run.ray_address or None
@@ -735,18 +737,38 @@ class RayTrainer(PipelineTrainer):
             actors.append(actor)
             # Not waited for: the actors start (each a fresh process importing torch) side
             # by side, and each says where it runs once it is up.
-            actor.where.remote().future().add_done_callback(
-                lambda done: None if done.exception() else self.echo(
-                    f"{name}: Ray actor, {done.result()}"))
+            def up(done: Any) -> None:
+                if not done.exception():
+                    placed.add(name)
+                    self.echo(f"{name}: Ray actor, {done.result()}")
+
+            actor.where.remote().future().add_done_callback(up)
             return ActorProcess(ray, actor, name, errors)
 
+        # Ray holds an actor it has no room for until room comes: say so once, or a busy
+        # cluster looks like a run that hangs.
+        placed: set[str] = set()
+
+        def still_waiting() -> None:
+            missing = len(self.roles()) - len(placed)
+            if missing:
+                free = ray.available_resources().get("CPU", 0)
+                self.echo(f"{missing} of the run's {len(self.roles())} Ray actors are not up "
+                          f"after {self.PLACE_WAIT_S:.0f}s: the cluster has {free:g} of "
+                          f"{have:g} CPUs free and each actor reserves {cpus:g} "
+                          "(`ray status` shows what holds them); waiting for room")
+
+        waiting = threading.Timer(self.PLACE_WAIT_S, still_waiting)
+        waiting.daemon = True
         self.metrics = MetricsWriter(self.run_dir)
         try:
+            waiting.start()
             return self._watch_children(start, HubCounters(hub, ray), errors)
         except Exception:
             self.echo(traceback.format_exc())
             return 1
         finally:
+            waiting.cancel()
             self.metrics.close()
             for actor in [*actors, hub]:
                 ray.kill(actor)
