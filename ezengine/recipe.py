@@ -23,6 +23,7 @@ self-play at a given replay size acts with the newest weights published at or be
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -83,6 +84,24 @@ def record_env_steps(collector_steps: int, index: int, num_collectors: int,
     """Env steps in the replay when collector `index`'s record, made after it collected
     `collector_steps` steps, enters it (records enter in turn)."""
     return num_collectors * collector_steps + index * num_envs
+
+
+def batch_env_steps(cfg: Config, train_steps: int, num_collectors: int = 1) -> int:
+    """Env steps in the replay when the batch of training step `train_steps` was built:
+    the first record count the pacing allows it at (records of env.num_envs steps enter one
+    at a time, and a due batch is built before the next record enters). What an evaluation
+    of that step's weights is reported at, the same on any machine and backend. (The
+    first batch also needs a sampleable position: with a warm-up of fewer steps per
+    environment than the unroll and TD lookahead, it comes a few records later.)"""
+    if train_steps <= 0:
+        return 0
+    n = cfg.env.num_envs
+    budget = num_collectors * collector_budget(cfg, num_collectors)[0]
+    need = max(cfg.run.start_transitions, math.ceil(train_steps / cfg.run.replay_ratio))
+    steps = min(-(-need // n) * n, budget)
+    while steps < budget and paced_training_steps(cfg, steps) < train_steps:
+        steps += n
+    return steps
 
 
 def total_training_steps(cfg: Config) -> int:

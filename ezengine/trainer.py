@@ -36,6 +36,7 @@ from ezengine.metrics import Eta, MetricsWriter
 from ezengine.pipeline.replay_role import ReplayOwner
 from ezengine.pipeline.weights import LocalHistory
 from ezengine.recipe import (
+    batch_env_steps,
     build_network,
     checkpoint_state,
     collector_budget,
@@ -165,7 +166,8 @@ class SerialTrainer:
             model.load_state_dict(self.learner.model.state_dict())
             result = evaluate(model, self.cfg, self.cfg.run.eval_episodes,
                               seed=evaluation_seed(self.cfg))
-        row = {"train_steps": self.learner.steps, "env_steps": self.env_steps,
+        row = {"train_steps": self.learner.steps,
+               "env_steps": batch_env_steps(self.cfg, self.learner.steps, len(self.collectors)),
                "wall_s": round(time.perf_counter() - self.start_time, 1), **result.record()}
         self.metrics.evaluation(row)
         self.evaluations.append(row)

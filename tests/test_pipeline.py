@@ -24,6 +24,7 @@ from ezengine.envs import EnvDescription
 from ezengine.metrics import drop_torn_rows
 from ezengine.pipeline.layouts import transition_layout
 from ezengine.pipeline.transition_log import TransitionLog, log_path
+from ezengine.recipe import batch_env_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "search.num_simulations=4", "--set", "learner.batch_size=16",
@@ -361,9 +362,12 @@ def test_temporaries_of_a_checkpoint_write_cut_short_are_removed(tmp_path):
 def test_a_run_is_the_same_on_any_machine_and_in_serial(tmp_path):
     # The timetable fixes what every piece of work sees: the pipeline alone, the pipeline
     # squeezed onto one core beside a busy process, and the serial runner give the same
-    # weights, bit for bit (two collectors, so records from both enter in turn).
+    # weights, bit for bit (two collectors, so records from both enter in turn), and the
+    # same evaluation records: each at the env steps of its batch, not at the replay's
+    # count when the evaluator got to it.
     args = ["configs/cartpole.yaml", "--env-steps", "1200", "--seed", "3", "--collectors", "2",
-            *TINY, "--set", "run.checkpoint_interval=100"]
+            *TINY, "--set", "run.checkpoint_interval=100", "--set", "run.eval_interval=100"]
+    evaluations = []
 
     def trained(name: str, *extra: str, one_core: bool = False) -> dict:
         run = tmp_path / name
@@ -375,6 +379,8 @@ def test_a_run_is_the_same_on_any_machine_and_in_serial(tmp_path):
             text=True, timeout=300,
             preexec_fn=(lambda: os.sched_setaffinity(0, core)) if one_core else None)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        evaluations.append([(r["train_steps"], r["env_steps"], r["returns"]) for r in map(
+            json.loads, (run / "eval.jsonl").read_text().splitlines())])
         return load_checkpoint(run / "checkpoints" / "latest.pt")["learner"]["model"]
 
     alone = trained("alone")
@@ -389,6 +395,11 @@ def test_a_run_is_the_same_on_any_machine_and_in_serial(tmp_path):
     serial = trained("serial", "--serial")
     for other in (squeezed, serial):
         assert all(torch.equal(alone[k], other[k]) for k in alone)
+    cfg = load_config(ROOT / "configs" / "cartpole.yaml").replace(
+        run={"env_steps": 1200, "start_transitions": 200})
+    assert [(s, e) for s, e, _ in evaluations[0]] == [
+        (s, batch_env_steps(cfg, s, 2)) for s in (100, 200, 300, 400, 500, 600)]
+    assert evaluations[1] == evaluations[0] and evaluations[2] == evaluations[0]
 
 
 def test_reanalyse_helpers_search_parts_of_each_batch_and_change_no_result(tmp_path):

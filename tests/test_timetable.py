@@ -17,6 +17,7 @@ from ezengine.pipeline.replay_role import ReplayOwner
 from ezengine.pipeline.weights import HISTORY_SLOTS, LocalHistory, WeightHistory
 from ezengine.recipe import (
     BATCH_LEAD,
+    batch_env_steps,
     build_network,
     collector_budget,
     published_step,
@@ -53,26 +54,30 @@ def test_records_of_two_collectors_enter_in_turn():
     assert collector_budget(cfg, 2) == (504, 56)  # whole vector steps, evenly shared
 
 
-def owner_with_records(records: int) -> ReplayOwner:
+def owner_with_records(records: int, start_transitions: int = 16) -> ReplayOwner:
     cfg = load_config(ROOT / "configs" / "cartpole.yaml").replace(
                            env={"num_envs": 4},
                            search={"num_simulations": 2},
                            learner={"batch_size": 8, "td_steps": 3, "unroll_steps": 2},
-                           run={"env_steps": 400, "start_transitions": 16,
+                           run={"env_steps": 400, "start_transitions": start_transitions,
                                 "replay_ratio": 0.5})
     owner = ReplayOwner(cfg, OBS, num_collectors=1)
     rng = np.random.default_rng(0)
     for j in range(1, records + 1):
-        rec = {"frames": rng.normal(size=(4, 4)).astype(np.float32),
-               "final_obs": np.zeros((4, 4), np.float32),
-               "actions": np.ones(4, np.int64), "rewards": np.ones(4, np.float32),
-               "policies": np.full((4, 2), 0.5, np.float32),
-               "root_values": np.zeros(4, np.float32), "terminated": np.zeros(4, bool),
-               "truncated": np.zeros(4, bool), "game_over": np.zeros(4, bool),
-               "game_scores": np.zeros(4, np.float32), "game_lengths": np.zeros(4, np.int64),
-               "env_steps": np.full(1, 4 * j, np.int64)}
-        owner.ingest(rec, 0)
+        owner.ingest(a_record(rng, j), 0)
     return owner
+
+
+def a_record(rng: np.random.Generator, j: int) -> dict:
+    """The j-th record of a collector of 4 CartPole environments."""
+    return {"frames": rng.normal(size=(4, 4)).astype(np.float32),
+            "final_obs": np.zeros((4, 4), np.float32),
+            "actions": np.ones(4, np.int64), "rewards": np.ones(4, np.float32),
+            "policies": np.full((4, 2), 0.5, np.float32),
+            "root_values": np.zeros(4, np.float32), "terminated": np.zeros(4, bool),
+            "truncated": np.zeros(4, bool), "game_over": np.zeros(4, bool),
+            "game_scores": np.zeros(4, np.float32), "game_lengths": np.zeros(4, np.int64),
+            "env_steps": np.full(1, 4 * j, np.int64)}
 
 
 def test_batches_are_due_by_the_pacing_and_need_their_lead_steps_priorities():
@@ -91,6 +96,29 @@ def test_batches_are_due_by_the_pacing_and_need_their_lead_steps_priorities():
         owner.apply_priorities(owner.lead_step, np.zeros(1, np.int64), np.ones(1))
         owner.build(net, 0)
     assert owner.next_batch == 21
+
+
+def test_an_evaluation_is_reported_at_the_env_steps_its_batch_was_built_at():
+    # The replay's owner, fed one record at a time, builds each batch as soon as the pacing
+    # allows it: batch_env_steps names that point, whatever the replay holds when the
+    # evaluation runs (before, an evaluation took the replay's count of that moment: 1,008
+    # or 1,000 env steps for CartPole's step 500 by the machine's timing).
+    owner = owner_with_records(0, start_transitions=24)  # 6 steps an env: past the lookahead
+    cfg, rng, built = owner.cfg, np.random.default_rng(0), {}
+    net = build_network(cfg, OBS)
+    for j in range(1, 101):  # the budget: 400 env steps
+        owner.ingest(a_record(rng, j), 0)
+        while owner.batch_due():
+            if owner.lead_step >= 1:
+                owner.apply_priorities(owner.lead_step, np.zeros(1, np.int64), np.ones(1))
+            built[owner.next_batch] = owner.total_env_steps
+            owner.build(net, 0)
+    assert len(built) == 200
+    assert all(batch_env_steps(cfg, s) == e for s, e in built.items())
+    assert [batch_env_steps(cfg, s) for s in (1, 12, 13, 14, 15, 200)] == [24, 24, 28, 28, 32,
+                                                                         400]
+    cartpole = load_config(ROOT / "configs" / "cartpole.yaml")  # 8 envs, warm-up 1,000
+    assert [batch_env_steps(cartpole, s) for s in (500, 501, 10_000)] == [1000, 1008, 20_000]
 
 
 def test_the_weight_history_keeps_the_last_publishes_under_their_steps():

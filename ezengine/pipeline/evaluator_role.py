@@ -11,6 +11,7 @@ from ezengine.metrics import MetricsWriter
 from ezengine.pipeline.spec import PipelineSpec
 from ezengine.pipeline.transport import CpuClock, Transport
 from ezengine.recipe import (
+    batch_env_steps,
     build_network,
     evaluation_seed,
 )
@@ -35,7 +36,7 @@ def run_evaluator(spec: PipelineSpec, transport: Transport) -> None:
             time.sleep(0.05)
             continue
         loaded = steps
-        env_steps = counters["replay_env_steps"]
+        env_steps = batch_env_steps(cfg, steps, spec.num_collectors)  # not the replay's now
         result = evaluate(model, cfg, cfg.run.eval_episodes, seed=evaluation_seed(cfg))
         row = {"train_steps": steps, "env_steps": env_steps,
                "wall_s": round(time.perf_counter() - start, 1), **result.record()}
