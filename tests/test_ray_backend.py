@@ -136,6 +136,7 @@ def test_a_killed_actor_stops_the_run_naming_it(tmp_path):
     train = start([*TINY, "--env-steps", "100000", "--run-dir", str(run)])
     line = train.wait_for_line(r"collector-0: Ray actor, pid \d+")
     pid = int(re.search(r"pid (\d+)", line)[1])
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 0  # not Ray's default of 15
     train.wait_for_line(r"train (\d{2,}),?\d*/")
     logged = records(run)
     os.kill(pid, signal.SIGKILL)

@@ -674,6 +674,11 @@ class RayTrainer(PipelineTrainer):
         if started:
             # No dashboard and no extra logging setup: a local run needs neither. A local
             # instance holds every actor, as the local backend starts every process.
+            if not address:
+                # Ray starts its workers at niceness 15, below every ordinary process: on a
+                # shared machine the run's actors would starve where the local backend's
+                # processes get their share. A local instance's workers run at 0, as they do.
+                os.environ.setdefault("RAY_worker_niceness", "0")
             try:
                 check_reachable(address)
                 ray.init(address=address, include_dashboard=False, configure_logging=False,
