@@ -274,6 +274,10 @@ class RunConfig:
     ray_actor_cpus: float = _f(
         0.5, "with backend 'ray': CPUs Ray reserves for each role's actor (collectors, "
         "reanalyse, learner, evaluator)", _NON_NEGATIVE)
+    ray_remote_resource: str = _f(
+        "", "with backend 'ray': a custom resource (`ray start --resources "
+        "'{\"NAME\": N}'`) that each collector and reanalyse helper takes one unit of, so "
+        "they run only on the nodes that offer it, N to a node; empty: any node")
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,36 @@ def test_an_address_where_nothing_answers_is_one_line_at_once(tmp_path):
     assert "Traceback" not in out and not run.exists()
 
 
+def test_a_remote_resource_no_node_offers_is_one_line_at_once(tmp_path):
+    run = tmp_path / "run"
+    code, out = start([*TINY, "--set", "run.ray_remote_resource=ezworker",
+                       "--run-dir", str(run)]).finish()
+    assert code == 1, out
+    assert ("run.ray_remote_resource is 'ezworker': this run's 1 collectors and reanalyse "
+            "helpers take one unit each and the Ray cluster offers 0") in out, out
+    assert not run.exists()
+
+
+def test_each_role_asks_ray_for_what_it_needs():
+    from ezengine.config import load_config
+    from ezengine.pipeline.ray_backend import actor_options
+
+    head = object()  # the head node's scheduling strategy
+    cfg = load_config(ROOT / "configs/cartpole.yaml", ["run.ray_actor_cpus=0.25"])
+    assert actor_options(cfg, "learner", 0, head, on_cuda=True) == {
+        "num_cpus": 0.25, "num_gpus": 1, "scheduling_strategy": head}
+    assert actor_options(cfg, "reanalyse", 0, head, on_cuda=True) == {
+        "num_cpus": 0.25, "num_gpus": 0, "scheduling_strategy": head}  # owns the replay
+    assert actor_options(cfg, "collector", 3, head, on_cuda=False) == {
+        "num_cpus": 0.25, "num_gpus": 0}  # any node
+    pinned = cfg.replace(run={"ray_remote_resource": "ezworker"})
+    for role, index in (("collector", 0), ("reanalyse", 1)):
+        assert actor_options(pinned, role, index, head, on_cuda=False) == {
+            "num_cpus": 0.25, "num_gpus": 0, "resources": {"ezworker": 1}}
+    assert actor_options(pinned, "evaluator", 0, head, on_cuda=False)[
+        "scheduling_strategy"] is head
+
+
 def test_a_ray_run_is_the_local_run(tmp_path):
     # The timetable holds across backends: the same seed gives the same weights, bit for
     # bit, through Ray actors and through the local processes (with a reanalyse helper,

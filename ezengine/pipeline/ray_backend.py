@@ -659,6 +659,26 @@ def actor_config(cfg: Config) -> dict:
     return config
 
 
+def is_remote_role(role: str, index: int) -> bool:
+    """Collectors and reanalyse helpers only exchange arrays: they may run on any node."""
+    return role == "collector" or (role == "reanalyse" and index > 0)
+
+
+def actor_options(cfg: Config, role: str, index: int, here: Any, on_cuda: bool
+                  ) -> dict[str, Any]:
+    """What a role's actor asks Ray for: run.ray_actor_cpus CPUs; the head node (`here`)
+    for the roles that write the run directory or own the replay; for the others any node,
+    or only nodes that offer run.ray_remote_resource (one unit each); and the GPU for a
+    learner on CUDA (Ray hides the GPUs from an actor that did not ask for one)."""
+    options: dict[str, Any] = {"num_cpus": cfg.run.ray_actor_cpus,
+                               "num_gpus": 1 if role == "learner" and on_cuda else 0}
+    if not is_remote_role(role, index):
+        options["scheduling_strategy"] = here
+    elif cfg.run.ray_remote_resource:
+        options["resources"] = {cfg.run.ray_remote_resource: 1}
+    return options
+
+
 class RayTrainer(PipelineTrainer):
     """The pipeline's launcher on Ray: the hub and one actor per role (`roles()`), watched
     by the same loop as the local processes."""
@@ -698,6 +718,17 @@ class RayTrainer(PipelineTrainer):
             if started:
                 ray.shutdown()
             return 1
+        remote = self.cfg.run.ray_remote_resource
+        wanted = sum(is_remote_role(role, index) for role, index in self.roles())
+        offered = ray.cluster_resources().get(remote, 0) if remote else wanted
+        if offered < wanted:
+            self.echo(f"run.ray_remote_resource is {remote!r}: this run's {wanted} collectors "
+                      f"and reanalyse helpers take one unit each and the Ray cluster offers "
+                      f"{offered:g}: start nodes with `ray start --resources "
+                      f"'{{\"{remote}\": N}}'`, or leave the setting empty")
+            if started:
+                ray.shutdown()
+            return 1
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from ezengine.metrics import MetricsWriter
@@ -727,16 +758,9 @@ class RayTrainer(PipelineTrainer):
         threads = 2 + len(direct_queues(spec))
 
         def start(role: str, index: int, name: str) -> ActorProcess:
-            # Collectors and reanalyse helpers only exchange arrays: anywhere.
-            placement = ("DEFAULT" if role == "collector" or (role == "reanalyse" and index)
-                         else here)
-            # The learner asks Ray for the GPU it trains on: Ray hides the GPUs from an
-            # actor that did not ask for one.
-            gpus = 1 if role == "learner" and on_cuda else 0
-            actor = ray.remote(RoleActor).options(num_cpus=cpus, num_gpus=gpus,
-                                                  max_concurrency=threads,
-                                                  scheduling_strategy=placement,
-                                                  enable_task_events=False).remote(
+            actor = ray.remote(RoleActor).options(
+                max_concurrency=threads, enable_task_events=False,
+                **actor_options(self.cfg, role, index, here, on_cuda)).remote(
                 role, index, spec, hub)
             hub.register.remote(name, actor)
             actors.append(actor)
