@@ -620,8 +620,8 @@ class ActorProcess:
                     self.ray.get(self.ref)
                     self._code = 0
                 except self.ray.exceptions.RayActorError as exc:
-                    # The actor's process died (SIGKILL, out of memory, a lost node): Ray
-                    # knows which, not the exit code.
+                    # The actor's process died (a kill signal, out of memory, a lost node):
+                    # no exit code to report, so Ray's account of it goes to the errors.
                     self.errors.append((self.name, f"{self.name}'s Ray actor died ("
                                         + actor_death(str(exc))))
                     self._code = -9
