@@ -87,16 +87,21 @@ def eta_text(env_left: int, env_rate: float, train_left: int, train_rate: float)
 
 
 class Eta:
-    """Time left at the average rates since training began: steadier than one log window,
-    and meaningful when a single training step takes longer than the window."""
+    """Time left at the average rates since paced training began: steadier than one log
+    window, and meaningful when a single training step takes longer than the window.
+
+    The training steps the warm-up data pays for (`train_from`) run while collection
+    waits; rates measured over them would put the end hours away, so the clock starts
+    after them."""
 
     def __init__(self) -> None:
         self.base: tuple[float, int, int] | None = None
 
-    def text(self, env_done: int, env_total: int, train_done: int, train_total: int) -> str:
+    def text(self, env_done: int, env_total: int, train_done: int, train_total: int,
+             train_from: int = 0) -> str:
         now = time.perf_counter()
         if self.base is None:
-            if train_done > 0:
+            if train_done > train_from:
                 self.base = (now, env_done, train_done)
             return "ETA ?"
         t0, env0, train0 = self.base

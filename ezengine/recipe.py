@@ -205,7 +205,8 @@ def progress_line(cfg: Config, row: dict[str, Any], eta: Eta, extra: str = "") -
             f"{row['train_steps']:,}/{total_train:,} | return {ret}{loss} | "
             f"{row['env_steps_per_s']:.0f} env/s {row['train_steps_per_s']:.1f} train/s | "
             + (f"{extra} | " if extra else "")
-            + eta.text(row["env_steps"], cfg.run.env_steps, row["train_steps"], total_train))
+            + eta.text(row["env_steps"], cfg.run.env_steps, row["train_steps"], total_train,
+                       train_from=paced_training_steps(cfg, cfg.run.start_transitions)))
 
 
 def build_network(cfg: Config, env: EnvDescription) -> EfficientZeroNet:

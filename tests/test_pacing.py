@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from ezengine.config import Config
-from ezengine.recipe import paced_training_steps, total_training_steps
+from pathlib import Path
+
+from ezengine.config import Config, load_config
+from ezengine.metrics import Eta
+from ezengine.recipe import paced_training_steps, progress_line, total_training_steps
 
 
 def test_the_papers_budget_is_100k_paced_plus_20k_extra_training_steps():
@@ -24,3 +27,23 @@ def test_pacing_by_hand():
     assert paced_training_steps(cfg, 1000) == 530  # the extra steps once collection ends
     assert paced_training_steps(cfg, 1008) == 530  # a last vector step past the budget
     assert total_training_steps(cfg) == 530
+
+
+def test_the_eta_ignores_the_training_the_warm_up_pays_for(monkeypatch):
+    # CartPole's default as printed: training steps 0-500 run on the 1,000 warm-up steps
+    # while collection waits, so the first window shows 16 env steps in 15 s. Timed from
+    # there the run would end hours away ("ETA 4h58m" was printed for an 11-minute run).
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "cartpole.yaml")
+    clock = iter([15.0, 30.0, 80.0, 95.0])  # the printed lines' times
+    monkeypatch.setattr("ezengine.metrics.time.perf_counter", lambda: next(clock))
+    eta = Eta()
+    rows = [(1_000, 192), (1_016, 503), (2_536, 1_264), (3_048, 1_522)]
+    texts = [progress_line(cfg, {"env_steps": e, "train_steps": t, "recent_return": None,
+                                 "env_steps_per_s": 0.0, "train_steps_per_s": 0.0}, eta)
+             for e, t in rows]
+    assert texts[0].endswith("ETA ?") and texts[1].endswith("ETA ?")
+    # From (1,016, 503) at 30 s: 1,520 env steps and 761 training steps in 50 s leave
+    # 17,464 env steps at 30.4/s and 8,736 training steps at 15.2/s: 574 s either way.
+    assert texts[2].endswith("ETA 9m")
+    # 65 s: 16,952 env steps at 31.3/s (542 s), 8,478 training steps at 15.7/s (541 s).
+    assert texts[3].endswith("ETA 9m")
