@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--reset-seed", type=int, default=100)
     args = parser.parse_args()
     agent = Agent.load(args.run, model=args.model)
+    # The forced-action games get their own copy: the search breaks ties at random, so
+    # sharing one would make the printed episode depend on --every.
+    prober = Agent.load(args.run, model=args.model)
     env = gym.make("CartPole-v1").unwrapped
     obs, _ = env.reset(seed=args.reset_seed)
     print("  t      x   x_dot  theta th_dot | prior0 visits  root_v | model Q(0) Q(1) "
@@ -66,8 +69,8 @@ def main() -> None:
     t = 0
     while True:
         model_input = torch.tensor(np.asarray(obs, np.float32)[None])
-        result = agent.search(model_input)
-        action = int(result.visit_counts[0].argmax())
+        actions, result = agent.step(model_input)
+        action = int(actions[0])
         if t % args.every == 0:
             prior, q = model_action_values(agent, model_input)
             state = env.state.copy()
@@ -75,7 +78,7 @@ def main() -> None:
             for first in (0, 1):
                 env.state = state.copy()
                 env.steps_beyond_terminated = None
-                forced.append(greedy_return(agent, env, first, t))
+                forced.append(greedy_return(prober, env, first, t))
             env.state = state.copy()
             env.steps_beyond_terminated = None
             x, x_dot, theta, th_dot = state
