@@ -80,7 +80,8 @@ class RemoteSearch(Protocol):
     """Searches run elsewhere (by the model owner) for a collector's environments."""
 
     def search(self, obs: np.ndarray) -> SearchResult:
-        """Search from stacked observations [N, ...] with root noise."""
+        """Search from stacked observations [N, ...] with root noise where the run's
+        config puts it (recipe.selfplay_noise_roots)."""
         ...
 
 
@@ -95,14 +96,17 @@ class Collector:
         seed: seeds action sampling and random play.
         env_steps: environment steps already collected (when resuming).
         greedy_envs: the first this many environments take the most visited action of
-            their (noised) search whatever the temperature, as evaluation chooses.
+            their search whatever the temperature, as evaluation chooses.
+        noise_roots: bool [N], the environments whose searches take root noise (None:
+            all of them).
     """
 
     def __init__(self, envs: VectorEnv, search: BatchedSearch, *, clip_rewards: bool,
-                 frame_stack: int, seed: int, env_steps: int = 0, greedy_envs: int = 0
-                 ) -> None:
+                 frame_stack: int, seed: int, env_steps: int = 0, greedy_envs: int = 0,
+                 noise_roots: np.ndarray | None = None) -> None:
         self.envs = envs
         self.greedy_envs = greedy_envs
+        self.noise_roots = noise_roots
         self.search = search
         self.clip_rewards = clip_rewards
         self.rng = np.random.default_rng(seed)
@@ -130,7 +134,8 @@ class Collector:
             if isinstance(model, EfficientZeroNet):
                 device = next(model.parameters()).device
                 obs = torch.from_numpy(self.stacks.model_input()).to(device)
-                result = self.search.run(model, obs, add_noise=True)
+                result = self.search.run(model, obs, add_noise=True,
+                                         noise_roots=self.noise_roots)
             else:
                 result = model.search(self.stacks.model_input())
             actions = select_actions(result.visit_counts, temperature, self.rng)

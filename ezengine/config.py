@@ -240,6 +240,9 @@ class RunConfig:
                                     "take the most visited action (evaluation's choice; "
                                     "root noise stays), so the replay holds the states the "
                                     "evaluated policy reaches", _UNIT)
+    greedy_env_noise: bool = _f(True, "root noise in the greedy environments' searches; "
+                                "false: they act exactly as evaluation does, so a small "
+                                "preference of the policy is not drowned by the noise")
     eval_interval: int = _f(10_000, "training steps between evaluations", _POSITIVE)
     eval_episodes: int = _f(32, "episodes per evaluation", _POSITIVE)
     checkpoint_interval: int = _f(1000, "training steps between checkpoints", _POSITIVE)

@@ -115,6 +115,15 @@ def greedy_envs(cfg: Config, num_envs: int) -> int:
     return round(cfg.run.greedy_env_fraction * num_envs)
 
 
+def selfplay_noise_roots(cfg: Config, num_envs: int) -> np.ndarray:
+    """bool [num_envs]: which of a collector's environments search with root noise: all,
+    except the greedy ones when run.greedy_env_noise is off."""
+    noisy = np.ones(num_envs, dtype=bool)
+    if not cfg.run.greedy_env_noise:
+        noisy[:greedy_envs(cfg, num_envs)] = False
+    return noisy
+
+
 def visit_temperature(cfg: Config, env_steps: int) -> float:
     """Self-play temperature, stepping down at run.temperature_milestones (fractions of the
     environment-step budget)."""

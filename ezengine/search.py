@@ -120,7 +120,8 @@ class BatchedSearch:
 
     @torch.inference_mode()
     def run(self, model: EfficientZeroNet, obs: Tensor, *, add_noise: bool,
-            legal_actions: np.ndarray | None = None) -> SearchResult:
+            legal_actions: np.ndarray | None = None,
+            noise_roots: np.ndarray | None = None) -> SearchResult:
         """Search from a batch of observations.
 
         Args:
@@ -128,6 +129,9 @@ class BatchedSearch:
             obs: [B, ...] model input (stacked frames), already on the model's device.
             add_noise: mix Dirichlet noise into the root priors (self-play and reanalyse).
             legal_actions: bool [B, A] or None for all legal.
+            noise_roots: with add_noise, bool [B]: the roots that take the noise (the others
+                search as evaluation does); None for all. Noise is drawn for every root
+                either way, so the random stream does not depend on it.
         """
         batch = obs.shape[0]
         device = obs.device
@@ -139,8 +143,11 @@ class BatchedSearch:
                  else np.asarray(legal_actions, dtype=bool))
         noise = (dirichlet_noise(self.rng, self.cfg.dirichlet_alpha, legal) if add_noise
                  else None)
+        fraction = self.cfg.exploration_fraction if add_noise else 0.0
+        if add_noise and noise_roots is not None:
+            fraction = np.where(np.asarray(noise_roots, dtype=bool), fraction, 0.0)
         forest.reset_roots(root.policy_logits.float().cpu().numpy(), legal, noise,
-                           noise_fraction=self.cfg.exploration_fraction if add_noise else 0.0)
+                           noise_fraction=fraction)
         sims = self.cfg.num_simulations
         # [S + 1, B, ...] stores viewed as [(S + 1) * B, ...]: the tree's (slot, root) pairs
         # become flat row numbers for index_select, a cheaper gather than fancy indexing.

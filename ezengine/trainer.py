@@ -46,6 +46,7 @@ from ezengine.recipe import (
     model_seed,
     progress_line,
     record_env_steps,
+    selfplay_noise_roots,
     selfplay_weights_step,
     total_training_steps,
     visit_temperature,
@@ -82,7 +83,9 @@ class SerialTrainer:
             search = BatchedSearch.for_config(cfg, envs.num_actions, seed)
             self.collectors.append(Collector(envs, search, clip_rewards=cfg.env.clip_rewards,
                                              frame_stack=cfg.env.frame_stack, seed=seed,
-                                             greedy_envs=greedy_envs(cfg, envs.num_envs)))
+                                             greedy_envs=greedy_envs(cfg, envs.num_envs),
+                                             noise_roots=selfplay_noise_roots(
+                                                 cfg, envs.num_envs)))
         self.env = self.collectors[0].envs.description
         # The copies the collectors and the reanalyser load published weights into, built
         # before torch is seeded for the learner's initial weights, as in the pipeline.

@@ -200,7 +200,7 @@ cdef class Forest:
         """Simulations completed since the last reset_roots."""
         return self.sims_done
 
-    def reset_roots(self, root_logits, legal_actions=None, noise=None, double noise_fraction=0.0):
+    def reset_roots(self, root_logits, legal_actions=None, noise=None, noise_fraction=0.0):
         """Start a new search for a batch of roots.
 
         Args:
@@ -209,7 +209,8 @@ cdef class Forest:
                 Every root needs at least one legal action.
             noise: float [B, A], exploration noise (for example Dirichlet over the legal
                 actions) mixed into the root prior; None for no noise.
-            noise_fraction: weight of the noise; prior = (1 - f) softmax + f noise.
+            noise_fraction: weight of the noise, one for every root or float [B], one per
+                root (0 leaves a root's prior as it is); prior = (1 - f) softmax + f noise.
         """
         logits_arr = np.asarray(root_logits)
         if logits_arr.ndim != 2 or logits_arr.shape[1] != self.A:
@@ -236,12 +237,20 @@ cdef class Forest:
         cdef unsigned char[:, ::1] legal = legal_arr
         cdef bint use_noise = noise is not None
         cdef float[:, ::1] noise_view
+        cdef double[::1] fraction
         if use_noise:
             noise_view = _float_array("noise", noise, (B, self.A))
             if (np.asarray(noise_view) < 0).any():
                 raise ValueError("noise must be non-negative")
-            if not (0.0 <= noise_fraction <= 1.0):
+            fraction_arr = np.asarray(noise_fraction, dtype=np.float64)
+            if fraction_arr.ndim == 0:
+                fraction_arr = np.full(B, float(fraction_arr))
+            if fraction_arr.shape != (B,):
+                raise ValueError(f"noise_fraction must be a number or have shape ({B},), "
+                                 f"got {fraction_arr.shape}")
+            if not ((fraction_arr >= 0.0) & (fraction_arr <= 1.0)).all():
                 raise ValueError(f"noise_fraction must be in [0, 1], got {noise_fraction}")
+            fraction = np.ascontiguousarray(fraction_arr)
         cdef int b, a, A = self.A, N = self.N
         cdef double mx, total, p
         cdef double* pr
@@ -272,7 +281,7 @@ cdef class Forest:
                 for a in range(A):
                     p = pr[a] / total
                     if use_noise and legal[b, a]:
-                        p = (1.0 - noise_fraction) * p + noise_fraction * noise_view[b, a]
+                        p = (1.0 - fraction[b]) * p + fraction[b] * noise_view[b, a]
                     pr[a] = p
         self.batch = B
         self.sims_done = 0

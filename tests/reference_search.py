@@ -167,7 +167,7 @@ def reference_search(root_logits, legal, noise, noise_fraction, leaf_value_prefi
     for b in range(B):
         tree = ReferenceTree(
             root_logits[b], np.ones(A) if legal is None else legal[b],
-            None if nz is None else nz[b], noise_fraction,
+            None if nz is None else nz[b], float(np.broadcast_to(noise_fraction, (B,))[b]),
             discount=discount, c_init=c_init, c_base=c_base, floor=floor, horizon=horizon,
             rng=SplitMix64(seed, b))
         for s in range(S):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ezengine.collector import Collector
 from ezengine.config import load_config
 from ezengine.envs import VectorEnv
-from ezengine.recipe import greedy_envs
-from ezengine.search import SearchResult
+from ezengine.recipe import build_network, greedy_envs, selfplay_noise_roots
+from ezengine.search import BatchedSearch, SearchResult
 
 
 class FixedVisits:
@@ -42,3 +43,36 @@ def test_greedy_env_count_rounds_the_fraction_of_a_collectors_envs():
                               (1.0, 3, 3)]:
         cfg = load_config("configs/cartpole.yaml", [f"run.greedy_env_fraction={fraction}"])
         assert greedy_envs(cfg, n) == want
+
+
+def test_greedy_envs_search_without_root_noise_only_when_configured():
+    on = load_config("configs/minatar/breakout.yaml", ["run.greedy_env_fraction=0.5"])
+    off = load_config("configs/minatar/breakout.yaml", ["run.greedy_env_fraction=0.5",
+                                                        "run.greedy_env_noise=false"])
+    np.testing.assert_array_equal(selfplay_noise_roots(on, 8), [True] * 8)
+    np.testing.assert_array_equal(selfplay_noise_roots(off, 8), [False] * 4 + [True] * 4)
+
+
+def test_a_collector_hands_its_noise_roots_to_the_search():
+    """With the greedy environments left out of the noise, their recorded search policies
+    are a noise-free search's, and the others' are not."""
+    cfg = load_config("configs/cartpole.yaml", ["run.greedy_env_fraction=0.5",
+                                                "run.greedy_env_noise=false",
+                                                "search.exploration_fraction=0.9"])
+    envs = VectorEnv(cfg.env, seed=0, train=True)
+    torch.manual_seed(0)
+    model = build_network(cfg, envs.description).eval()
+    with torch.no_grad():  # the heads start at zero: give the priors some shape
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    collector = Collector(envs, BatchedSearch.for_config(cfg, envs.num_actions, seed=1),
+                          clip_rewards=False, frame_stack=1, seed=0,
+                          greedy_envs=greedy_envs(cfg, 8),
+                          noise_roots=selfplay_noise_roots(cfg, 8))
+    obs = torch.from_numpy(collector.stacks.model_input())
+    quiet = BatchedSearch.for_config(cfg, envs.num_actions, seed=1).run(model, obs,
+                                                                        add_noise=False)
+    record = collector.step(model, 1.0)
+    envs.close()
+    np.testing.assert_allclose(record["policies"][:4], quiet.policies()[:4])
+    assert not np.allclose(record["policies"][4:], quiet.policies()[4:])

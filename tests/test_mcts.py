@@ -159,6 +159,25 @@ def test_noise_changes_the_search_and_illegal_actions_are_never_visited():
     assert (plain[:, ::3] == 0).all() and (noisy[:, ::3] == 0).all()
 
 
+def test_a_per_root_noise_fraction_of_zero_leaves_that_roots_search_noise_free():
+    """noise_fraction as float [B]: a root at 0 searches exactly as without noise, a root at
+    f exactly as with the scalar f, and both as the pure-Python reference does."""
+    rng = np.random.default_rng(9)
+    root_logits, _, noise, vp, v, lg = random_workload(rng, 8, 3, 16)
+    fractions = np.array([0.0, 0.25] * 4)
+    mixed, mixed_values, _ = run_core(root_logits, None, noise, fractions, vp, v, lg,
+                                      discount=0.99)
+    plain, _, _ = run_core(root_logits, None, None, 0.0, vp, v, lg, discount=0.99)
+    noisy, _, _ = run_core(root_logits, None, noise, 0.25, vp, v, lg, discount=0.99)
+    np.testing.assert_array_equal(mixed[::2], plain[::2])
+    np.testing.assert_array_equal(mixed[1::2], noisy[1::2])
+    assert not np.array_equal(plain[1::2], noisy[1::2])  # the noise did change those roots
+    ref_counts, ref_values, _ = reference_search(root_logits, None, noise, fractions, vp, v, lg,
+                                                 discount=0.99)
+    np.testing.assert_array_equal(mixed, ref_counts)
+    np.testing.assert_allclose(mixed_values, ref_values, rtol=1e-6, atol=1e-6)
+
+
 def test_same_seed_same_search_different_seed_different_ties():
     rng = np.random.default_rng(8)
     work = random_workload(rng, 32, 18, 30, quantize=True)
@@ -188,6 +207,10 @@ def ready_forest(B=4, A=3):
                              0.25), "noise"),
     (lambda f: f.reset_roots(np.zeros((4, 3), np.float32), None, np.ones((4, 3), np.float32),
                              1.5), "noise_fraction"),
+    (lambda f: f.reset_roots(np.zeros((4, 3), np.float32), None, np.ones((4, 3), np.float32),
+                             np.full(3, 0.25)), "noise_fraction"),
+    (lambda f: f.reset_roots(np.zeros((4, 3), np.float32), None, np.ones((4, 3), np.float32),
+                             np.array([0.25, 0.25, -0.1, 0.25])), "noise_fraction"),
     (lambda f: f.expand(np.zeros(4, np.float32), np.zeros(4, np.float32),
                         np.zeros((4, 3), np.float32)), "without a preceding select"),
 ])

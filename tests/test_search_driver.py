@@ -49,3 +49,24 @@ def test_a_roots_search_does_not_depend_on_the_other_roots(horizon: int) -> None
     # to more than one child), past the value-prefix resets.
     assert not np.array_equal(first.visit_counts[::2], second.visit_counts[::2])
     assert (np.sort(first.visit_counts, axis=1)[:, -2] >= 3).any()
+
+
+def test_roots_left_out_of_the_noise_search_as_evaluation_does() -> None:
+    """noise_roots: the roots it leaves out search exactly as a noise-free search of the same
+    observations; the others take the noise (the collectors' greedy environments with
+    run.greedy_env_noise off)."""
+    cfg = make_cfg(5)
+    torch.manual_seed(4)
+    model = build_model(cfg.model, (4,), A, 1).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    obs = torch.randn(8, 4)
+    roots = np.array([False] * 4 + [True] * 4)
+    quiet = BatchedSearch.for_config(cfg, A, seed=0).run(model, obs, add_noise=False)
+    noisy = BatchedSearch.for_config(cfg, A, seed=0).run(model, obs, add_noise=True)
+    mixed = BatchedSearch.for_config(cfg, A, seed=0).run(model, obs, add_noise=True,
+                                                         noise_roots=roots)
+    np.testing.assert_array_equal(mixed.visit_counts[:4], quiet.visit_counts[:4])
+    np.testing.assert_array_equal(mixed.visit_counts[4:], noisy.visit_counts[4:])
+    assert not np.array_equal(quiet.visit_counts[4:], noisy.visit_counts[4:])

@@ -20,6 +20,7 @@ from ezengine.recipe import (
     collector_seed,
     greedy_envs,
     record_env_steps,
+    selfplay_noise_roots,
     selfplay_weights_step,
     visit_temperature,
 )
@@ -48,7 +49,8 @@ def run_collector(spec: PipelineSpec, index: int, transport: Transport) -> None:
     search = BatchedSearch.for_config(cfg, spec.env.num_actions, seed)
     collector = Collector(envs, search, clip_rewards=cfg.env.clip_rewards,
                           frame_stack=cfg.env.frame_stack, seed=seed, env_steps=start_steps,
-                          greedy_envs=greedy_envs(cfg, n))
+                          greedy_envs=greedy_envs(cfg, n),
+                          noise_roots=selfplay_noise_roots(cfg, n))
     remote = (OwnerSearches(transport, index) if cfg.run.collector_inference == "learner"
               else None)
     model = build_network(cfg, spec.env)

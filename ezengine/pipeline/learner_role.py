@@ -27,6 +27,7 @@ from ezengine.recipe import (
     checkpoint_state,
     collector_seed,
     model_seed,
+    selfplay_noise_roots,
     total_training_steps,
 )
 from ezengine.search import BatchedSearch, SearchResult
@@ -104,6 +105,7 @@ class SearchServer:
         self.searches = [BatchedSearch.for_config(cfg, spec.env.num_actions,
                                                   collector_seed(cfg, i, start))
                          for i in range(spec.num_collectors)]
+        self.noise_roots = selfplay_noise_roots(cfg, cfg.env.num_envs)
         self.refresh()
 
     def refresh(self) -> None:
@@ -114,7 +116,8 @@ class SearchServer:
         """Answer every waiting request (one per collector); whether there was any."""
         def run(collector: int, obs: np.ndarray) -> SearchResult:
             return self.searches[collector].run(
-                self.model, torch.from_numpy(obs).to(self.device), add_noise=True)
+                self.model, torch.from_numpy(obs).to(self.device), add_noise=True,
+                noise_roots=self.noise_roots)
         return self.transport.serve_searches(run)
 
 
