@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,9 +47,11 @@ def describe_evaluation(row: dict) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: EfficientZeroNet, cfg: Config, episodes: int, seed: int) -> EvalResult:
+def evaluate(model: EfficientZeroNet, cfg: Config, episodes: int, seed: int,
+             on_step: Callable[[], None] | None = None) -> EvalResult:
     """Play `episodes` games in parallel (one environment each) with argmax-of-visits
-    actions and no root noise; evaluation episode cap and raw (unclipped) scores."""
+    actions and no root noise; evaluation episode cap and raw (unclipped) scores.
+    `on_step` is called after every step of the games (the pipeline's CPU accounting)."""
     start = time.perf_counter()
     model.eval()
     device = next(model.parameters()).device
@@ -70,6 +73,8 @@ def evaluate(model: EfficientZeroNet, cfg: Config, episodes: int, seed: int) -> 
             if np.isnan(returns[i]):
                 returns[i], lengths[i] = score, length
         stacks.advance(out.obs, out.terminated | out.truncated)
+        if on_step is not None:
+            on_step()
     envs.close()
     return EvalResult([float(r) for r in returns], [int(n) for n in lengths],
                       time.perf_counter() - start)

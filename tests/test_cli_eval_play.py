@@ -18,8 +18,11 @@ import torch
 from ezengine.agent import Agent, checkpoint_path, latest_run
 from ezengine.checkpoint import load_checkpoint, save_checkpoint
 from ezengine.config import config_to_dict, load_config
+from ezengine.envs import describe_env
+from ezengine.evaluate import evaluate
 from ezengine.model import build_model
 from ezengine.play import VideoWriter
+from ezengine.recipe import build_network
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from ezengine.cli import main; main()"]
@@ -200,3 +203,14 @@ def test_checkpoint_config_mismatch_explained(run: Path, tmp_path: Path) -> None
     assert proc.returncode != 0
     assert "do not match the network its config describes" in proc.stderr
     assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluate_calls_on_step_once_per_step_of_the_games():
+    """The evaluator ticks its CPU clock through `on_step`: once per step of the parallel
+    games, so a long evaluation is accounted while it runs."""
+    cfg = load_config(REPO / "configs/cartpole.yaml", ["env.eval_max_episode_steps=7"])
+    model = build_network(cfg, describe_env(cfg.env))
+    calls = []
+    result = evaluate(model, cfg, episodes=3, seed=0, on_step=lambda: calls.append(1))
+    assert result.lengths == [7, 7, 7]  # an untrained model on CartPole lasts 7 steps
+    assert len(calls) == 7
