@@ -238,7 +238,8 @@ class RunConfig:
                        "(ascending)", _UNIT))
     greedy_env_fraction: float = _f(0.0, "fraction of each collector's environments that "
                                     "take the most visited action (evaluation's choice; "
-                                    "root noise stays), so the replay holds the states the "
+                                    "with root noise unless run.greedy_env_noise is off), so "
+                                    "the replay holds the states the "
                                     "evaluated policy reaches", _UNIT)
     greedy_env_noise: bool = _f(True, "root noise in the greedy environments' searches; "
                                 "false: they act exactly as evaluation does, so a small "
