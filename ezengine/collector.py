@@ -99,14 +99,25 @@ class Collector:
             their search whatever the temperature, as evaluation chooses.
         noise_roots: bool [N], the environments whose searches take root noise (None:
             all of them).
+        repeat_prob: per step, the chance that a sampling environment (not greedy) that
+            is not repeating starts to repeat a uniformly random action; 0: never.
+        repeat_mu: a repeat lasts n steps with P(n) ~ n^-repeat_mu, n <= MAX_REPEAT.
+            Repeats end with their game, and are not kept across a resume.
     """
+
+    MAX_REPEAT = 10_000
 
     def __init__(self, envs: VectorEnv, search: BatchedSearch, *, clip_rewards: bool,
                  frame_stack: int, seed: int, env_steps: int = 0, greedy_envs: int = 0,
-                 noise_roots: np.ndarray | None = None) -> None:
+                 noise_roots: np.ndarray | None = None, repeat_prob: float = 0.0,
+                 repeat_mu: float = 2.0) -> None:
         self.envs = envs
         self.greedy_envs = greedy_envs
         self.noise_roots = noise_roots
+        self.repeat_prob = repeat_prob
+        self.repeat_mu = repeat_mu
+        self.repeat_left = np.zeros(envs.num_envs, dtype=np.int64)  # steps still to repeat
+        self.repeat_action = np.zeros(envs.num_envs, dtype=np.int64)
         self.search = search
         self.clip_rewards = clip_rewards
         self.rng = np.random.default_rng(seed)
@@ -144,9 +155,12 @@ class Collector:
                 actions[:g] = select_actions(result.visit_counts[:g], 0.0, self.rng)
             rec["policies"][...] = result.policies()
             rec["root_values"][...] = result.root_values
+        if self.repeat_prob > 0:
+            self._follow_repeats(actions)
         rec["frames"][...] = self.stacks.frames[:, -1]
         rec["actions"][...] = actions
         step = self.envs.step(actions)
+        self.repeat_left[step.terminated | step.truncated] = 0
         rec["final_obs"][...] = step.final_obs
         rec["rewards"][...] = clip_reward(step.reward) if self.clip_rewards else step.reward
         rec["terminated"][...] = step.terminated
@@ -162,3 +176,16 @@ class Collector:
         rec["env_steps"][0] = self.env_steps
         self.stacks.advance(step.obs, step.terminated | step.truncated)
         return rec
+
+    def _follow_repeats(self, actions: np.ndarray) -> None:
+        """Overwrite, in place, the actions of the sampling environments that repeat: each
+        one not repeating starts a repeat of a random action with probability repeat_prob."""
+        g, n = self.greedy_envs, len(actions)
+        starts = g + np.flatnonzero((self.repeat_left[g:] == 0)
+                                    & (self.rng.random(n - g) < self.repeat_prob))
+        self.repeat_action[starts] = self.rng.integers(0, self.envs.num_actions, len(starts))
+        lengths = self.rng.zipf(self.repeat_mu, len(starts))
+        self.repeat_left[starts] = np.minimum(lengths, self.MAX_REPEAT)
+        repeating = self.repeat_left > 0
+        actions[repeating] = self.repeat_action[repeating]
+        self.repeat_left[repeating] -= 1

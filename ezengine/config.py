@@ -244,6 +244,14 @@ class RunConfig:
     greedy_env_noise: bool = _f(True, "root noise in the greedy environments' searches; "
                                 "false: they act exactly as evaluation does, so a small "
                                 "preference of the policy is not drowned by the noise")
+    repeat_explore_prob: float = _f(0.0, "per step, the chance that a sampling environment "
+                                    "(one not acting greedily) that is not repeating starts "
+                                    "to repeat a uniformly random action for a zeta-distributed "
+                                    "number of steps (temporally extended exploration, "
+                                    "Dabney et al. 2021); 0: off", _UNIT)
+    repeat_explore_mu: float = _f(2.0, "exponent of the repeat lengths' distribution, "
+                                  "P(n) ~ n^-mu for n = 1 .. 10,000: smaller means longer "
+                                  "repeats", (lambda v: v > 1, "> 1"))
     eval_interval: int = _f(10_000, "training steps between evaluations", _POSITIVE)
     eval_episodes: int = _f(32, "episodes per evaluation", _POSITIVE)
     checkpoint_interval: int = _f(1000, "training steps between checkpoints", _POSITIVE)

@@ -124,6 +124,15 @@ def selfplay_noise_roots(cfg: Config, num_envs: int) -> np.ndarray:
     return noisy
 
 
+def collector_options(cfg: Config, num_envs: int) -> dict[str, Any]:
+    """The action-choice arguments of a `Collector` of `num_envs` environments: its greedy
+    environments, which searches take root noise, and the repeat exploration."""
+    return {"greedy_envs": greedy_envs(cfg, num_envs),
+            "noise_roots": selfplay_noise_roots(cfg, num_envs),
+            "repeat_prob": cfg.run.repeat_explore_prob,
+            "repeat_mu": cfg.run.repeat_explore_mu}
+
+
 def visit_temperature(cfg: Config, env_steps: int) -> float:
     """Self-play temperature, stepping down at run.temperature_milestones (fractions of the
     environment-step budget)."""

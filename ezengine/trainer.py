@@ -40,13 +40,12 @@ from ezengine.recipe import (
     build_network,
     checkpoint_state,
     collector_budget,
+    collector_options,
     collector_seed,
     evaluation_seed,
-    greedy_envs,
     model_seed,
     progress_line,
     record_env_steps,
-    selfplay_noise_roots,
     selfplay_weights_step,
     total_training_steps,
     visit_temperature,
@@ -83,9 +82,7 @@ class SerialTrainer:
             search = BatchedSearch.for_config(cfg, envs.num_actions, seed)
             self.collectors.append(Collector(envs, search, clip_rewards=cfg.env.clip_rewards,
                                              frame_stack=cfg.env.frame_stack, seed=seed,
-                                             greedy_envs=greedy_envs(cfg, envs.num_envs),
-                                             noise_roots=selfplay_noise_roots(
-                                                 cfg, envs.num_envs)))
+                                             **collector_options(cfg, envs.num_envs)))
         self.env = self.collectors[0].envs.description
         # The copies the collectors and the reanalyser load published weights into, built
         # before torch is seeded for the learner's initial weights, as in the pipeline.

@@ -76,3 +76,49 @@ def test_a_collector_hands_its_noise_roots_to_the_search():
     envs.close()
     np.testing.assert_allclose(record["policies"][:4], quiet.policies()[:4])
     assert not np.allclose(record["policies"][4:], quiet.policies()[4:])
+
+
+def test_sampling_envs_hold_a_repeated_action_until_its_length_or_their_game_ends():
+    """Every sampling environment starts a repeat at once (probability 1) and takes its
+    action until the drawn length runs out or its game ends; greedy ones never repeat."""
+    cfg = load_config("configs/cartpole.yaml", ["run.greedy_env_fraction=0.25"])
+    envs = VectorEnv(cfg.env, seed=0, train=True)
+    k = greedy_envs(cfg, envs.num_envs)
+    collector = Collector(envs, search=None, clip_rewards=False, frame_stack=1, seed=0,
+                          greedy_envs=k, repeat_prob=1.0, repeat_mu=1.5)
+    lengths, held_steps = [], 0
+    for _ in range(300):
+        left, action = collector.repeat_left.copy(), collector.repeat_action.copy()
+        rec = collector.step(FixedVisits(), 1.0)
+        ended = rec["terminated"] | rec["truncated"]
+        assert (rec["actions"][:k] == 1).all() and (collector.repeat_left[:k] == 0).all()
+        held = left > 0
+        np.testing.assert_array_equal(rec["actions"][held], action[held])
+        held_steps += held.sum()
+        started = ~held
+        started[:k] = False
+        # A repeat starts on this step: its action is taken now and length - 1 remain.
+        np.testing.assert_array_equal(rec["actions"][started],
+                                      collector.repeat_action[started])
+        lengths += list(collector.repeat_left[started & ~ended] + 1)
+        assert (collector.repeat_left[ended] == 0).all()
+        assert (collector.repeat_left[~ended & held] == left[~ended & held] - 1).all()
+    envs.close()
+    assert held_steps > 300 * (envs.num_envs - k) // 2
+    # Zeta(1.5): P(n = 1) = 1 / zeta(1.5) = 0.38, and lengths have a long tail.
+    lengths = np.array(lengths)
+    assert 0.3 < (lengths == 1).mean() < 0.46, (lengths == 1).mean()
+    assert lengths.max() > 50
+
+
+def test_without_repeats_a_collector_draws_what_it_always_drew():
+    cfg = load_config("configs/cartpole.yaml", ["run.greedy_env_fraction=0.25"])
+    runs = []
+    for options in ({}, {"repeat_prob": 0.0, "repeat_mu": 1.5}):
+        envs = VectorEnv(cfg.env, seed=0, train=True)
+        collector = Collector(envs, search=None, clip_rewards=False, frame_stack=1, seed=0,
+                              greedy_envs=2, **options)
+        runs.append(np.stack([collector.step(FixedVisits(), 1.0)["actions"].copy()
+                              for _ in range(50)]))
+        envs.close()
+    np.testing.assert_array_equal(runs[0], runs[1])

@@ -17,10 +17,9 @@ from ezengine.pipeline.transport import (
 from ezengine.recipe import (
     build_network,
     collector_budget,
+    collector_options,
     collector_seed,
-    greedy_envs,
     record_env_steps,
-    selfplay_noise_roots,
     selfplay_weights_step,
     visit_temperature,
 )
@@ -49,8 +48,7 @@ def run_collector(spec: PipelineSpec, index: int, transport: Transport) -> None:
     search = BatchedSearch.for_config(cfg, spec.env.num_actions, seed)
     collector = Collector(envs, search, clip_rewards=cfg.env.clip_rewards,
                           frame_stack=cfg.env.frame_stack, seed=seed, env_steps=start_steps,
-                          greedy_envs=greedy_envs(cfg, n),
-                          noise_roots=selfplay_noise_roots(cfg, n))
+                          **collector_options(cfg, n))
     remote = (OwnerSearches(transport, index) if cfg.run.collector_inference == "learner"
               else None)
     model = build_network(cfg, spec.env)
