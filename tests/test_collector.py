@@ -1,4 +1,4 @@
-"""The collector's action choice: sampled visit counts, and greedy environments."""
+"""The collector's action choice: sampled visit counts, greedy environments, repeats."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import torch
 from ezengine.collector import Collector
 from ezengine.config import load_config
 from ezengine.envs import VectorEnv
-from ezengine.recipe import build_network, greedy_envs, selfplay_noise_roots
+from ezengine.recipe import (
+    build_network,
+    collector_options,
+    greedy_envs,
+    selfplay_noise_roots,
+)
 from ezengine.search import BatchedSearch, SearchResult
 
 
@@ -81,11 +86,13 @@ def test_a_collector_hands_its_noise_roots_to_the_search():
 def test_sampling_envs_hold_a_repeated_action_until_its_length_or_their_game_ends():
     """Every sampling environment starts a repeat at once (probability 1) and takes its
     action until the drawn length runs out or its game ends; greedy ones never repeat."""
-    cfg = load_config("configs/cartpole.yaml", ["run.greedy_env_fraction=0.25"])
+    cfg = load_config("configs/cartpole.yaml", ["run.greedy_env_fraction=0.25",
+                                                "run.repeat_explore_prob=1.0",
+                                                "run.repeat_explore_mu=1.5"])
     envs = VectorEnv(cfg.env, seed=0, train=True)
     k = greedy_envs(cfg, envs.num_envs)
     collector = Collector(envs, search=None, clip_rewards=False, frame_stack=1, seed=0,
-                          greedy_envs=k, repeat_prob=1.0, repeat_mu=1.5)
+                          **collector_options(cfg, envs.num_envs))
     lengths, held_steps = [], 0
     for _ in range(300):
         left, action = collector.repeat_left.copy(), collector.repeat_action.copy()
