@@ -254,6 +254,12 @@ class RunConfig:
                                   "repeats", (lambda v: v > 1, "> 1"))
     eval_interval: int = _f(10_000, "training steps between evaluations", _POSITIVE)
     eval_episodes: int = _f(32, "episodes per evaluation", _POSITIVE)
+    stop_evaluations: int = _f(0, "end the run early at the evaluation that makes this many "
+                               "in a row with a mean return of at least run.stop_return; "
+                               "that evaluation's weights are the run's final ones. 0: "
+                               "train the whole budget", _NON_NEGATIVE)
+    stop_return: float = _f(0.0, "the mean return run.stop_evaluations evaluations in a row "
+                            "must reach to end the run early")
     checkpoint_interval: int = _f(1000, "training steps between checkpoints", _POSITIVE)
     seed: int = _f(0, "random seed for everything", _NON_NEGATIVE)
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'",

@@ -19,12 +19,18 @@ the records allow it and before any further record enters, with the priorities o
 steps up to s - BATCH_LEAD applied and the target weights the learner had after that step;
 self-play at a given replay size acts with the newest weights published at or before
 `selfplay_weights_step` of it.
+
+Ending early (`solved_at`): with run.stop_evaluations set, the run ends at the evaluation
+that makes that many in a row at run.stop_return or better, and the weights evaluated there
+are its final ones; evaluations are part of the timetable, so this step too is the same on
+any machine.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,6 +113,36 @@ def batch_env_steps(cfg: Config, train_steps: int, num_collectors: int = 1) -> i
 def total_training_steps(cfg: Config) -> int:
     """Training steps of a whole run: paced ones during collection plus the extra ones."""
     return paced_training_steps(cfg, cfg.run.env_steps)
+
+
+def solved_at(cfg: Config, evaluations: Sequence[Mapping[str, Any]]) -> int:
+    """The training step of the evaluation that ends the run early (0: none does): the
+    first that makes run.stop_evaluations in a row with a mean return of at least
+    run.stop_return. `evaluations`: eval.jsonl rows in training-step order."""
+    need = cfg.run.stop_evaluations
+    if need <= 0:
+        return 0
+    streak = 0
+    for row in evaluations:
+        streak = streak + 1 if row["mean_return"] >= cfg.run.stop_return else 0
+        if streak >= need:
+            return int(row["train_steps"])
+    return 0
+
+
+def stop_rule(cfg: Config) -> str:
+    """How a run ends early, for the start line ('' when it trains the whole budget)."""
+    if cfg.run.stop_evaluations <= 0:
+        return ""
+    return (f"ends early at {cfg.run.stop_evaluations} evaluations in a row with a mean "
+            f"return of at least {cfg.run.stop_return:g}")
+
+
+def solved_line(cfg: Config, step: int) -> str:
+    """The line that says a run ended early at training step `step`."""
+    return (f"solved: {cfg.run.stop_evaluations} evaluations in a row reached a mean return "
+            f"of {cfg.run.stop_return:g}; the run ends at training step {step:,} with its "
+            f"weights")
 
 
 def greedy_envs(cfg: Config, num_envs: int) -> int:

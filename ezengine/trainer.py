@@ -47,6 +47,9 @@ from ezengine.recipe import (
     progress_line,
     record_env_steps,
     selfplay_weights_step,
+    solved_at,
+    solved_line,
+    stop_rule,
     total_training_steps,
     visit_temperature,
 )
@@ -98,6 +101,7 @@ class SerialTrainer:
         self.queue: deque[TrainingBatch] = deque()  # the batch ring
         self.priorities: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # the priority ring
         self.total_train_steps = total_training_steps(cfg)
+        self.solved_at = 0  # the evaluation that ended the run early (recipe.solved_at)
         self.evaluations: list[dict[str, Any]] = []
         self.window_metrics: list[dict[str, float]] = []
         self.eta = Eta()
@@ -172,6 +176,7 @@ class SerialTrainer:
         self.metrics.evaluation(row)
         self.evaluations.append(row)
         self.echo(describe_evaluation(row))
+        self.solved_at = solved_at(self.cfg, self.evaluations)
         return row
 
     def checkpoint(self) -> None:
@@ -198,6 +203,8 @@ class SerialTrainer:
 
     def step(self) -> bool:
         """The next piece of work in the timetable; False once the run is done."""
+        if self.solved_at:
+            return False
         if self.owner.batch_due():
             self.build_batch()
         elif self.collectors[self.owner.next_collector()].env_steps < self.budget:
@@ -213,7 +220,8 @@ class SerialTrainer:
         save_config(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsWriter(self.run_dir)
         self.echo(f"run dir {self.run_dir} | device {self.device} | {cfg.env.id} | "
-                  f"{cfg.run.env_steps:,} env steps, {self.total_train_steps:,} training steps")
+                  f"{cfg.run.env_steps:,} env steps, {self.total_train_steps:,} training steps"
+                  + (f" ({stop_rule(cfg)})" if stop_rule(cfg) else ""))
         self.start_time = time.perf_counter()
         self.selfplay_weights.publish(self.learner.model.state_dict(), 0)
         self.target_weights.publish(self.learner.target.state_dict(), 0)
@@ -230,6 +238,8 @@ class SerialTrainer:
             self._close()
             self.echo(stopped_line(self.run_dir, resumable=False))
             return self.evaluations[-1] if self.evaluations else {}
+        if self.solved_at:
+            self.echo(solved_line(self.cfg, self.solved_at))
         self.checkpoint()
         final = self.evaluations[-1] if (
             self.evaluations and self.evaluations[-1]["train_steps"] == self.learner.steps

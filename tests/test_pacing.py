@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ezengine.config import Config, load_config
 from ezengine.metrics import Eta
-from ezengine.recipe import paced_training_steps, progress_line, total_training_steps
+from ezengine.recipe import paced_training_steps, progress_line, solved_at, total_training_steps
 
 
 def test_the_papers_budget_is_100k_paced_plus_20k_extra_training_steps():
@@ -27,6 +27,22 @@ def test_pacing_by_hand():
     assert paced_training_steps(cfg, 1000) == 530  # the extra steps once collection ends
     assert paced_training_steps(cfg, 1008) == 530  # a last vector step past the budget
     assert total_training_steps(cfg) == 530
+
+
+def test_a_run_ends_early_at_the_evaluation_that_completes_the_streak():
+    cfg = Config().replace(run={"stop_evaluations": 3, "stop_return": 475.0})
+
+    def rows(*returns: float) -> list[dict]:
+        return [{"train_steps": 500 * (i + 1), "mean_return": r} for i, r in enumerate(returns)]
+
+    # 490 / 500 / 300 breaks the first streak; 475 (the threshold itself counts), 500, 480
+    # is three in a row, ending at the sixth evaluation (step 3,000), not the seventh.
+    assert solved_at(cfg, rows(490, 500, 300, 475, 500, 480, 500)) == 3000
+    assert solved_at(cfg, rows(490, 500, 300, 474.9, 500, 480)) == 0
+    assert solved_at(cfg, rows(500, 500)) == 0
+    assert solved_at(cfg, []) == 0
+    # Off (the default): the whole budget, whatever the returns.
+    assert solved_at(Config(), rows(500, 500, 500, 500)) == 0
 
 
 def test_the_eta_ignores_the_training_the_warm_up_pays_for(monkeypatch):

@@ -402,6 +402,41 @@ def test_a_run_is_the_same_on_any_machine_and_in_serial(tmp_path):
     assert evaluations[1] == evaluations[0] and evaluations[2] == evaluations[0]
 
 
+def test_a_run_that_ends_early_ends_on_the_evaluated_weights_in_any_runner(tmp_path):
+    # Two evaluations in a row at a return every episode reaches end the run at the second
+    # (training step 200 of 600). The pipeline's learner trains on while that evaluation
+    # runs, learns the outcome before publishing the next (step 300) and goes back to the
+    # evaluated weights: its checkpoint is the serial run's, bit for bit. A resume of the
+    # ended run trains no further.
+    args = ["configs/cartpole.yaml", "--env-steps", "1200", "--seed", "2", *TINY,
+            "--set", "run.eval_interval=100", "--set", "run.stop_evaluations=2",
+            "--set", "run.stop_return=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(*extra: str) -> tuple[str, dict, list]:
+        proc = subprocess.run(
+            [sys.executable, "-c", "from ezengine.cli import main; main()", "train", *extra],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        run = Path(extra[extra.index("--run-dir") + 1] if "--run-dir" in extra
+                   else extra[extra.index("--resume") + 1])
+        rows = [(r["train_steps"], r["returns"]) for r in map(
+            json.loads, (run / "eval.jsonl").read_text().splitlines())]
+        return proc.stdout, load_checkpoint(run / "checkpoints" / "latest.pt")["learner"], rows
+
+    out, pipeline, rows = train(*args, "--run-dir", str(tmp_path / "pipeline"))
+    serial_out, serial, serial_rows = train(*args, "--serial", "--run-dir",
+                                            str(tmp_path / "serial"))
+    assert pipeline["steps"] == serial["steps"] == 200
+    assert all(torch.equal(pipeline["model"][k], serial["model"][k]) for k in serial["model"])
+    assert [s for s, _ in rows] == [100, 200] and rows == serial_rows
+    for text in (out, serial_out):
+        assert "the run ends at training step 200" in text and "final mean return" in text
+    again, resumed, resumed_rows = train("--resume", str(tmp_path / "pipeline"))
+    assert resumed["steps"] == 200 and resumed_rows == rows
+    assert "final mean return" in again
+
+
 def test_reanalyse_helpers_search_parts_of_each_batch_and_change_no_result(tmp_path):
     # run.reanalysers 3: the replay's owner and two helper processes share each batch's
     # re-searches, part p always by helper p; the serial runner searches the same parts one

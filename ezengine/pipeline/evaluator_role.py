@@ -1,5 +1,5 @@
-"""The evaluator role: evaluates each model the learner publishes for evaluation and
-appends the record to eval.jsonl."""
+"""The evaluator role: evaluates each model the learner publishes for evaluation, appends
+the record to eval.jsonl, and says when the evaluations end the run early."""
 
 from __future__ import annotations
 
@@ -14,13 +14,22 @@ from ezengine.recipe import (
     batch_env_steps,
     build_network,
     evaluation_seed,
+    solved_at,
 )
+from ezengine.scores import read_evaluations
 
 
 def run_evaluator(spec: PipelineSpec, transport: Transport) -> None:
-    """Evaluate each model the learner publishes for evaluation; append to eval.jsonl."""
+    """Evaluate each model the learner publishes for evaluation; append to eval.jsonl; set
+    the counter solved_at at the evaluation that ends the run early."""
     cfg = spec.cfg()
     counters = transport.counters
+    # The evaluations a stop streak counts: a resumed run's earlier ones, up to its
+    # checkpoint, then each new one (none is skipped while the stop rule is on: the learner
+    # publishes the next only once this one is done).
+    trained = counters["train_steps"]
+    history = [row for row in read_evaluations(Path(spec.run_dir))
+               if row["train_steps"] <= trained]
     model = build_network(cfg, spec.env)
     loaded: int | None = None
     start = time.perf_counter()
@@ -44,4 +53,8 @@ def run_evaluator(spec: PipelineSpec, transport: Transport) -> None:
         row = {"train_steps": steps, "env_steps": env_steps,
                "wall_s": round(time.perf_counter() - start, 1), **result.record()}
         metrics.evaluation(row)
+        history.append(row)
+        solved = solved_at(cfg, history)
+        if solved and not counters["solved_at"]:
+            counters["solved_at"] = solved  # before eval_done: the learner reads them so
         counters["eval_done"] = steps

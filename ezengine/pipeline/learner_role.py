@@ -3,8 +3,10 @@ publishes self-play, target and evaluation weights, checkpoints."""
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +30,10 @@ from ezengine.recipe import (
     collector_seed,
     model_seed,
     selfplay_noise_roots,
+    solved_at,
     total_training_steps,
 )
+from ezengine.scores import read_evaluations
 from ezengine.search import BatchedSearch, SearchResult
 
 
@@ -149,6 +153,25 @@ def run_learner(spec: PipelineSpec, transport: Transport) -> None:
     run = cfg.run
     total_train = total_training_steps(cfg)
     clock = CpuClock(counters, "learner")  # with reanalysis inside, its CPU counts here
+    # Ending early (run.stop_evaluations): the learner keeps its state at each evaluation
+    # and, before publishing the next, waits for that evaluation; when it ended the run,
+    # the learner goes back to that state (the steps trained since are dropped), so the
+    # final weights are the evaluated ones whatever the evaluator's speed.
+    ends_early = run.stop_evaluations > 0
+    held: dict[str, Any] | None = None
+    held_step = 0
+    if ends_early and spec.resume and solved_at(cfg, [
+            row for row in read_evaluations(run_dir) if row["train_steps"] <= learner.steps]):
+        total_train = learner.steps  # it ended early before: nothing left to train
+
+    def ended_at(step: int) -> bool:
+        """Wait for the evaluation of training step `step`; whether it ends the run."""
+        t0 = time.perf_counter()
+        while counters["eval_done"] < step and not counters["stop"]:
+            clock.tick()
+            time.sleep(0.05)  # an evaluation takes seconds; each read may be a round trip
+        source.waited_s += time.perf_counter() - t0
+        return counters["solved_at"] == step
     while learner.steps < total_train and not counters["stop"]:
         clock.tick()
         if server is None:
@@ -179,6 +202,12 @@ def run_learner(spec: PipelineSpec, transport: Transport) -> None:
             transport.publish("target", learner.target.state_dict(), steps)
             counters["target_version"] = learner.target_version
         if steps % run.eval_interval == 0 or steps == total_train:
+            if ends_early:
+                if held is not None and ended_at(held_step):
+                    learner.load_state_dict(held)
+                    counters["train_steps"] = learner.steps
+                    break
+                held, held_step = copy.deepcopy(learner.state_dict()), steps
             transport.publish("eval", learner.model.state_dict(), steps)
         # After the publishes: whoever has this step's priorities or sees this step trained
         # finds its weights published.
@@ -187,4 +216,5 @@ def run_learner(spec: PipelineSpec, transport: Transport) -> None:
         if steps % run.checkpoint_interval == 0:
             checkpoint()
     checkpoint()
+    counters["final_step"] = learner.steps
     counters["learner_done"] = 1

@@ -16,8 +16,12 @@ from ezengine.rings import (
     WeightsSpec,
 )
 
+# solved_at: the evaluation that ends the run early (recipe.solved_at), set by the
+# evaluator; final_step: the training step of the final weights, set by the learner as it
+# finishes (before learner_done).
 INT_COUNTERS = ("stop", "replay_env_steps", "replay_positions", "train_steps",
-                "target_version", "batches", "games", "learner_done", "eval_done")
+                "target_version", "batches", "games", "learner_done", "eval_done",
+                "solved_at", "final_step")
 
 
 # The learner adds each training step's metrics to these sums; a progress row of

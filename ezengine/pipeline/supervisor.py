@@ -37,7 +37,13 @@ from ezengine.pipeline.spec import (
 )
 from ezengine.pipeline.transition_log import TransitionLog, log_path
 from ezengine.pipeline.weights import HISTORY_SLOTS, state_size
-from ezengine.recipe import build_network, progress_line, total_training_steps
+from ezengine.recipe import (
+    build_network,
+    progress_line,
+    solved_line,
+    stop_rule,
+    total_training_steps,
+)
 from ezengine.rings import (
     Ring,
     SharedCounters,
@@ -242,7 +248,8 @@ class PipelineTrainer:
                 procs[name] = start(role, index, name)
             self.echo(f"run dir {self.run_dir} | {self.cfg.env.id} | processes: "
                       f"{', '.join(procs)} | {self.cfg.run.env_steps:,} env steps, "
-                      f"{total_training_steps(self.cfg):,} training steps")
+                      f"{total_training_steps(self.cfg):,} training steps"
+                      + (f" ({stop_rule(self.cfg)})" if stop_rule(self.cfg) else ""))
             self._watch(procs, counters, errors)
         finally:
             counters["stop"] = 1
@@ -301,13 +308,16 @@ class PipelineTrainer:
             if self.failure is not None:
                 continue
             learner_finished = procs["learner"].exitcode == 0
-            if learner_finished and (counters["eval_done"] >= total_train
+            final_step = counters["final_step"] if learner_finished else total_train
+            if learner_finished and (counters["eval_done"] >= final_step
                                      or procs["evaluator"].exitcode is not None):
                 self._progress(counters, last_snap, time.perf_counter() - last, start)
                 final = self._show_evaluations()
+                if final_step < total_train:
+                    self.echo(solved_line(cfg, final_step))
                 self.echo(f"done in {time.perf_counter() - start:.0f}s" + (
                     f": final mean return {final['mean_return']:.1f}"
-                    if final and final["train_steps"] >= total_train else ""))
+                    if final and final["train_steps"] >= final_step else ""))
                 return
             now = time.perf_counter()
             if now - last >= cfg.run.log_interval_s:
