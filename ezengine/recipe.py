@@ -209,9 +209,13 @@ def sampling_seed(cfg: Config) -> int:
     return cfg.run.seed + 2
 
 
-def evaluation_seed(cfg: Config) -> int:
-    """Evaluation episodes (the same every evaluation, so evaluations compare)."""
-    return cfg.run.seed + 10_000
+def evaluation_seed(cfg: Config, train_steps: int) -> int:
+    """The first episode seed of the evaluation at training step `train_steps` (its
+    episodes take this seed and the next run.eval_episodes - 1): new episodes at every
+    evaluation, so evaluations in a row are independent samples of the policy (an early
+    stop on the same episodes each time can trust a policy that only handles those), and
+    apart from `ezengine eval`'s seeds (below 10,000 unless given)."""
+    return cfg.run.seed + 10_000 + train_steps * cfg.run.eval_episodes
 
 
 # ------------------------------------------------------------------ builders

@@ -169,7 +169,7 @@ class SerialTrainer:
             model = build_network(self.cfg, self.env).to(self.device)
             model.load_state_dict(self.learner.model.state_dict())
             result = evaluate(model, self.cfg, self.cfg.run.eval_episodes,
-                              seed=evaluation_seed(self.cfg))
+                              seed=evaluation_seed(self.cfg, self.learner.steps))
         row = {"train_steps": self.learner.steps,
                "env_steps": batch_env_steps(self.cfg, self.learner.steps, len(self.collectors)),
                "wall_s": round(time.perf_counter() - self.start_time, 1), **result.record()}

@@ -6,7 +6,13 @@ from pathlib import Path
 
 from ezengine.config import Config, load_config
 from ezengine.metrics import Eta
-from ezengine.recipe import paced_training_steps, progress_line, solved_at, total_training_steps
+from ezengine.recipe import (
+    evaluation_seed,
+    paced_training_steps,
+    progress_line,
+    solved_at,
+    total_training_steps,
+)
 
 
 def test_the_papers_budget_is_100k_paced_plus_20k_extra_training_steps():
@@ -43,6 +49,18 @@ def test_a_run_ends_early_at_the_evaluation_that_completes_the_streak():
     assert solved_at(cfg, []) == 0
     # Off (the default): the whole budget, whatever the returns.
     assert solved_at(Config(), rows(500, 500, 500, 500)) == 0
+
+
+def test_every_evaluation_plays_new_episodes():
+    # Episode seeds of the evaluation at step s: evaluation_seed(s) .. + eval_episodes - 1.
+    # No two evaluations of a run share one (an early stop on the same episodes each time
+    # trusted a policy that only handled those), nor with `ezengine eval --seed 7`.
+    cfg = Config().replace(run={"seed": 3, "eval_episodes": 20, "eval_interval": 500})
+    blocks = [set(range(evaluation_seed(cfg, s), evaluation_seed(cfg, s) + 20))
+              for s in (500, 1000, 1500, 1737, 10_000)]
+    assert sum(map(len, blocks)) == len(set().union(*blocks))
+    assert min(map(min, blocks)) >= 10_000 + 3
+    assert evaluation_seed(cfg, 500) == 3 + 10_000 + 500 * 20
 
 
 def test_the_eta_ignores_the_training_the_warm_up_pays_for(monkeypatch):

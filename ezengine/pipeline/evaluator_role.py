@@ -48,7 +48,7 @@ def run_evaluator(spec: PipelineSpec, transport: Transport) -> None:
         env_steps = batch_env_steps(cfg, steps, spec.num_collectors)  # not the replay's now
         # The clock ticks every game step: a long evaluation (Freeway's 2,500 steps take
         # minutes) shows in the progress lines' cores while it runs, not only after.
-        result = evaluate(model, cfg, cfg.run.eval_episodes, seed=evaluation_seed(cfg),
+        result = evaluate(model, cfg, cfg.run.eval_episodes, seed=evaluation_seed(cfg, steps),
                           on_step=clock.tick)
         row = {"train_steps": steps, "env_steps": env_steps,
                "wall_s": round(time.perf_counter() - start, 1), **result.record()}
