@@ -131,11 +131,12 @@ def solved_at(cfg: Config, evaluations: Sequence[Mapping[str, Any]]) -> int:
 
 
 def stop_rule(cfg: Config) -> str:
-    """How a run ends early, for the start line ('' when it trains the whole budget)."""
+    """How a run ends early, as the start line's ending: ' (ends early at ...)', or ''
+    when it trains the whole budget."""
     if cfg.run.stop_evaluations <= 0:
         return ""
-    return (f"ends early at {cfg.run.stop_evaluations} evaluations in a row with a mean "
-            f"return of at least {cfg.run.stop_return:g}")
+    return (f" (ends early at {cfg.run.stop_evaluations} evaluations in a row with a mean "
+            f"return of at least {cfg.run.stop_return:g})")
 
 
 def solved_line(cfg: Config, step: int) -> str:

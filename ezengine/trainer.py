@@ -221,7 +221,7 @@ class SerialTrainer:
         self.metrics = MetricsWriter(self.run_dir)
         self.echo(f"run dir {self.run_dir} | device {self.device} | {cfg.env.id} | "
                   f"{cfg.run.env_steps:,} env steps, {self.total_train_steps:,} training steps"
-                  + (f" ({stop_rule(cfg)})" if stop_rule(cfg) else ""))
+                  + stop_rule(cfg))
         self.start_time = time.perf_counter()
         self.selfplay_weights.publish(self.learner.model.state_dict(), 0)
         self.target_weights.publish(self.learner.target.state_dict(), 0)

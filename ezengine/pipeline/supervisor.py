@@ -249,7 +249,7 @@ class PipelineTrainer:
             self.echo(f"run dir {self.run_dir} | {self.cfg.env.id} | processes: "
                       f"{', '.join(procs)} | {self.cfg.run.env_steps:,} env steps, "
                       f"{total_training_steps(self.cfg):,} training steps"
-                      + (f" ({stop_rule(self.cfg)})" if stop_rule(self.cfg) else ""))
+                      + stop_rule(self.cfg))
             self._watch(procs, counters, errors)
         finally:
             counters["stop"] = 1
