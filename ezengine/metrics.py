@@ -68,8 +68,10 @@ class MetricsWriter:
         self.tb.close()
 
 
-def eta_text(env_left: int, env_rate: float, train_left: int, train_rate: float) -> str:
-    """'ETA 1h05m' for the rest of a run at the current rates ('ETA ?' while unknown).
+def eta_text(env_left: int, env_rate: float, train_left: int, train_rate: float,
+             at_most: bool = False) -> str:
+    """'ETA 1h05m' for the rest of a run at the current rates ('ETA ?' while unknown);
+    'ETA <= 1h05m' with `at_most`, for a run that may end early.
 
     Collection and training advance together (paced by the replay ratio), so the run ends
     when the slower of the two finishes.
@@ -83,7 +85,8 @@ def eta_text(env_left: int, env_rate: float, train_left: int, train_rate: float)
     if seconds == float("inf"):
         return "ETA ?"
     minutes = int(seconds // 60)
-    return f"ETA {minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"ETA {minutes}m"
+    left = f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+    return f"ETA <= {left}" if at_most else f"ETA {left}"
 
 
 class Eta:
@@ -98,7 +101,7 @@ class Eta:
         self.base: tuple[float, int, int] | None = None
 
     def text(self, env_done: int, env_total: int, train_done: int, train_total: int,
-             train_from: int = 0) -> str:
+             train_from: int = 0, at_most: bool = False) -> str:
         now = time.perf_counter()
         if self.base is None:
             if train_done > train_from:
@@ -107,4 +110,4 @@ class Eta:
         t0, env0, train0 = self.base
         seconds = max(now - t0, 1e-9)
         return eta_text(env_total - env_done, (env_done - env0) / seconds,
-                        train_total - train_done, (train_done - train0) / seconds)
+                        train_total - train_done, (train_done - train0) / seconds, at_most)

@@ -256,7 +256,8 @@ def checkpoint_state(cfg: Config, learner_state: dict[str, Any],
 
 
 def progress_line(cfg: Config, row: dict[str, Any], eta: Eta, extra: str = "") -> str:
-    """The console line of a progress row (the row itself goes to metrics.jsonl)."""
+    """The console line of a progress row (the row itself goes to metrics.jsonl). The ETA
+    is the whole budget's, an upper bound ('ETA <= ...') when the run may end early."""
     ret = "-" if row.get("recent_return") is None else f"{row['recent_return']:.1f}"
     loss = f" | loss {row['loss']:.3f}" if row.get("loss") is not None else ""
     total_train = total_training_steps(cfg)
@@ -265,7 +266,8 @@ def progress_line(cfg: Config, row: dict[str, Any], eta: Eta, extra: str = "") -
             f"{row['env_steps_per_s']:.0f} env/s {row['train_steps_per_s']:.1f} train/s | "
             + (f"{extra} | " if extra else "")
             + eta.text(row["env_steps"], cfg.run.env_steps, row["train_steps"], total_train,
-                       train_from=paced_training_steps(cfg, cfg.run.start_transitions)))
+                       train_from=paced_training_steps(cfg, cfg.run.start_transitions),
+                       at_most=cfg.run.stop_evaluations > 0))
 
 
 def build_network(cfg: Config, env: EnvDescription) -> EfficientZeroNet:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ezengine.config import Config, load_config
-from ezengine.metrics import Eta
+from ezengine.metrics import Eta, eta_text
 from ezengine.recipe import (
     evaluation_seed,
     paced_training_steps,
@@ -78,6 +78,14 @@ def test_the_eta_ignores_the_training_the_warm_up_pays_for(monkeypatch):
     assert texts[0].endswith("ETA ?") and texts[1].endswith("ETA ?")
     # From (1,016, 503) at 30 s: 1,520 env steps and 761 training steps in 50 s leave
     # 17,464 env steps at 30.4/s and 8,736 training steps at 15.2/s: 574 s either way.
-    assert texts[2].endswith("ETA 9m")
+    # The run ends early once solved, so that is at most the time left.
+    assert texts[2].endswith("ETA <= 9m")
     # 65 s: 16,952 env steps at 31.3/s (542 s), 8,478 training steps at 15.7/s (541 s).
-    assert texts[3].endswith("ETA 9m")
+    assert texts[3].endswith("ETA <= 9m")
+
+
+def test_the_eta_is_exact_only_for_a_run_that_trains_its_whole_budget():
+    assert eta_text(600, 10.0, 300, 5.0) == "ETA 1m"
+    assert eta_text(600, 10.0, 300, 5.0, at_most=True) == "ETA <= 1m"
+    assert eta_text(36_000, 10.0, 0, 0.0, at_most=True) == "ETA <= 1h00m"
+    assert eta_text(600, 0.0, 300, 5.0, at_most=True) == "ETA ?"
