@@ -36,6 +36,10 @@ from ezengine.recipe import (
 from ezengine.scores import read_evaluations
 from ezengine.search import BatchedSearch, SearchResult
 
+# How often a learner whose run may end early reads whether the last evaluation ended it
+# (a read may be a round trip to another machine).
+SOLVED_POLL_S = 0.5
+
 
 def reanalyse_in_learner(cfg: Config) -> bool:
     """Whether reanalysis runs inside the learner process (see run.reanalyse_placement)."""
@@ -156,7 +160,8 @@ def run_learner(spec: PipelineSpec, transport: Transport) -> None:
     # Ending early (run.stop_evaluations): the learner keeps its state at each evaluation
     # and, before publishing the next, waits for that evaluation; when it ended the run,
     # the learner goes back to that state (the steps trained since are dropped), so the
-    # final weights are the evaluated ones whatever the evaluator's speed.
+    # final weights are the evaluated ones whatever the evaluator's speed. It also looks
+    # between steps, so a run stops about when its evaluation ends it.
     ends_early = run.stop_evaluations > 0
     held: dict[str, Any] | None = None
     held_step = 0
@@ -172,8 +177,17 @@ def run_learner(spec: PipelineSpec, transport: Transport) -> None:
             time.sleep(0.05)  # an evaluation takes seconds; each read may be a round trip
         source.waited_s += time.perf_counter() - t0
         return counters["solved_at"] == step
+    checked_at = time.perf_counter()
     while learner.steps < total_train and not counters["stop"]:
         clock.tick()
+        if held is not None and time.perf_counter() - checked_at > SOLVED_POLL_S:
+            # The evaluation may have ended the run already: stop now rather than at the
+            # next evaluation, on the same kept state.
+            checked_at = time.perf_counter()
+            if counters["solved_at"] == held_step:
+                learner.load_state_dict(held)
+                counters["train_steps"] = learner.steps
+                break
         if server is None:
             batch = source.next(timeout=0.5)
         else:  # between training steps, and while no batch is ready, answer searches
