@@ -177,6 +177,11 @@ def run_learner(spec: PipelineSpec, transport: Transport) -> None:
             time.sleep(0.05)  # an evaluation takes seconds; each read may be a round trip
         source.waited_s += time.perf_counter() - t0
         return counters["solved_at"] == step
+
+    def go_back_to_held() -> None:
+        """The run ended at the held evaluation: its state becomes the learner's."""
+        learner.load_state_dict(held)
+        counters["train_steps"] = learner.steps
     checked_at = time.perf_counter()
     while learner.steps < total_train and not counters["stop"]:
         clock.tick()
@@ -185,8 +190,7 @@ def run_learner(spec: PipelineSpec, transport: Transport) -> None:
             # next evaluation, on the same kept state.
             checked_at = time.perf_counter()
             if counters["solved_at"] == held_step:
-                learner.load_state_dict(held)
-                counters["train_steps"] = learner.steps
+                go_back_to_held()
                 break
         if server is None:
             batch = source.next(timeout=0.5)
@@ -218,8 +222,7 @@ def run_learner(spec: PipelineSpec, transport: Transport) -> None:
         if steps % run.eval_interval == 0 or steps == total_train:
             if ends_early:
                 if held is not None and ended_at(held_step):
-                    learner.load_state_dict(held)
-                    counters["train_steps"] = learner.steps
+                    go_back_to_held()
                     break
                 held, held_step = copy.deepcopy(learner.state_dict()), steps
             transport.publish("eval", learner.model.state_dict(), steps)
