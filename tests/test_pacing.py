@@ -64,10 +64,12 @@ def test_every_evaluation_plays_new_episodes():
 
 
 def test_the_eta_ignores_the_training_the_warm_up_pays_for(monkeypatch):
-    # CartPole's default as printed: training steps 0-500 run on the 1,000 warm-up steps
-    # while collection waits, so the first window shows 16 env steps in 15 s. Timed from
-    # there the run would end hours away ("ETA 4h58m" was printed for an 11-minute run).
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "cartpole.yaml")
+    # CartPole's default (at a 20,000-step budget) as printed: training steps 0-500 run on
+    # the 1,000 warm-up steps while collection waits, so the first window shows 16 env
+    # steps in 15 s. Timed from there the run would end hours away ("ETA 4h58m" was
+    # printed for an 11-minute run).
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "cartpole.yaml",
+                      ["run.env_steps=20000"])
     clock = iter([15.0, 30.0, 80.0, 95.0])  # the printed lines' times
     monkeypatch.setattr("ezengine.metrics.time.perf_counter", lambda: next(clock))
     eta = Eta()
