@@ -260,6 +260,11 @@ class RunConfig:
                                "train the whole budget", _NON_NEGATIVE)
     stop_return: float = _f(0.0, "the mean return run.stop_evaluations evaluations in a row "
                             "must reach to end the run early")
+    stop_eval_episodes: int = _f(0, "episodes of an evaluation that can end the run early "
+                                 "(the run.stop_evaluations - 1 before it reached "
+                                 "run.stop_return): more than run.eval_episodes, so the "
+                                 "final weights are judged on more games; 0: "
+                                 "run.eval_episodes", _NON_NEGATIVE)
     checkpoint_interval: int = _f(1000, "training steps between checkpoints", _POSITIVE)
     seed: int = _f(0, "random seed for everything", _NON_NEGATIVE)
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'",

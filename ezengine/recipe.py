@@ -130,13 +130,31 @@ def solved_at(cfg: Config, evaluations: Sequence[Mapping[str, Any]]) -> int:
     return 0
 
 
+def evaluation_episodes(cfg: Config, evaluations: Sequence[Mapping[str, Any]]) -> int:
+    """Episodes of the next evaluation, after `evaluations` (eval.jsonl rows in
+    training-step order): run.stop_eval_episodes when it can end the run early (the
+    run.stop_evaluations - 1 before it all reached run.stop_return), else
+    run.eval_episodes. Twenty games at the limit say little about a policy that fails one
+    start in twelve (0.92^20 = 0.19); sixty say more (0.92^60 = 0.007)."""
+    run = cfg.run
+    if run.stop_evaluations <= 0 or run.stop_eval_episodes <= 0:
+        return run.eval_episodes
+    before = list(evaluations)[-(run.stop_evaluations - 1):] if run.stop_evaluations > 1 else []
+    if len(before) == run.stop_evaluations - 1 and all(
+            row["mean_return"] >= run.stop_return for row in before):
+        return run.stop_eval_episodes
+    return run.eval_episodes
+
+
 def stop_rule(cfg: Config) -> str:
     """How a run ends early, as the start line's ending: ' (ends early at ...)', or ''
     when it trains the whole budget."""
     if cfg.run.stop_evaluations <= 0:
         return ""
+    episodes = (f", the last over {cfg.run.stop_eval_episodes} episodes"
+                if cfg.run.stop_eval_episodes > 0 else "")
     return (f" (ends early at {cfg.run.stop_evaluations} evaluations in a row with a mean "
-            f"return of at least {cfg.run.stop_return:g})")
+            f"return of at least {cfg.run.stop_return:g}{episodes})")
 
 
 def solved_line(cfg: Config, step: int) -> str:
@@ -215,7 +233,9 @@ def evaluation_seed(cfg: Config, train_steps: int) -> int:
     episodes take this seed and the next run.eval_episodes - 1): new episodes at every
     evaluation, so evaluations in a row are independent samples of the policy (an early
     stop on the same episodes each time can trust a policy that only handles those), and
-    apart from `ezengine eval`'s seeds (below 10,000 unless given)."""
+    apart from `ezengine eval`'s seeds (below 10,000 unless given). An evaluation of
+    run.stop_eval_episodes takes the seeds after these; they stay apart from the next
+    evaluation's while run.stop_eval_episodes <= run.eval_interval x run.eval_episodes."""
     return cfg.run.seed + 10_000 + train_steps * cfg.run.eval_episodes
 
 

@@ -42,6 +42,7 @@ from ezengine.recipe import (
     collector_budget,
     collector_options,
     collector_seed,
+    evaluation_episodes,
     evaluation_seed,
     model_seed,
     progress_line,
@@ -168,7 +169,7 @@ class SerialTrainer:
         with torch.random.fork_rng(devices=[]):  # the learner's draws stay the pipeline's
             model = build_network(self.cfg, self.env).to(self.device)
             model.load_state_dict(self.learner.model.state_dict())
-            result = evaluate(model, self.cfg, self.cfg.run.eval_episodes,
+            result = evaluate(model, self.cfg, evaluation_episodes(self.cfg, self.evaluations),
                               seed=evaluation_seed(self.cfg, self.learner.steps))
         row = {"train_steps": self.learner.steps,
                "env_steps": batch_env_steps(self.cfg, self.learner.steps, len(self.collectors)),

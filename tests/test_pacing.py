@@ -7,6 +7,7 @@ from pathlib import Path
 from ezengine.config import Config, load_config
 from ezengine.metrics import Eta, eta_text
 from ezengine.recipe import (
+    evaluation_episodes,
     evaluation_seed,
     paced_training_steps,
     progress_line,
@@ -49,6 +50,29 @@ def test_a_run_ends_early_at_the_evaluation_that_completes_the_streak():
     assert solved_at(cfg, []) == 0
     # Off (the default): the whole budget, whatever the returns.
     assert solved_at(Config(), rows(500, 500, 500, 500)) == 0
+
+
+def test_the_evaluation_that_can_end_the_run_plays_more_episodes():
+    # Two in a row at 500, the second over 60 episodes: an evaluation after one at 500 (or
+    # more) is the one that can end the run. CartPole seed 20 ended on 20 + 20 games at 500
+    # with a policy that failed 8 of 100 other starts (held out: 450.2).
+    cfg = Config().replace(run={"stop_evaluations": 2, "stop_return": 500.0,
+                                "eval_episodes": 20, "stop_eval_episodes": 60})
+
+    def rows(*returns: float) -> list[dict]:
+        return [{"train_steps": 500 * (i + 1), "mean_return": r} for i, r in enumerate(returns)]
+
+    assert evaluation_episodes(cfg, []) == 20
+    assert evaluation_episodes(cfg, rows(490)) == 20
+    assert evaluation_episodes(cfg, rows(300, 500)) == 60
+    assert evaluation_episodes(cfg, rows(500, 478.5)) == 20  # the long one failed: start again
+    three = cfg.replace(run={"stop_evaluations": 3})
+    assert evaluation_episodes(three, rows(500)) == 20
+    assert evaluation_episodes(three, rows(499, 500, 500)) == 60
+    assert evaluation_episodes(cfg.replace(run={"stop_evaluations": 1}), []) == 60
+    # Unset, or no early stop: every evaluation plays run.eval_episodes.
+    assert evaluation_episodes(cfg.replace(run={"stop_eval_episodes": 0}), rows(500)) == 20
+    assert evaluation_episodes(cfg.replace(run={"stop_evaluations": 0}), rows(500)) == 20
 
 
 def test_every_evaluation_plays_new_episodes():

@@ -404,13 +404,13 @@ def test_a_run_is_the_same_on_any_machine_and_in_serial(tmp_path):
 
 def test_a_run_that_ends_early_ends_on_the_evaluated_weights_in_any_runner(tmp_path):
     # Two evaluations in a row at a return every episode reaches end the run at the second
-    # (training step 200 of 600). The pipeline's learner trains on while that evaluation
-    # runs, learns the outcome before publishing the next (step 300) and goes back to the
-    # evaluated weights: its checkpoint is the serial run's, bit for bit. A resume of the
-    # ended run trains no further.
+    # (training step 200 of 600), which plays run.stop_eval_episodes episodes. The
+    # pipeline's learner trains on while that evaluation runs, learns the outcome before
+    # publishing the next (step 300) and goes back to the evaluated weights: its checkpoint
+    # is the serial run's, bit for bit. A resume of the ended run trains no further.
     args = ["configs/cartpole.yaml", "--env-steps", "1200", "--seed", "2", *TINY,
             "--set", "run.eval_interval=100", "--set", "run.stop_evaluations=2",
-            "--set", "run.stop_return=1"]
+            "--set", "run.stop_return=1", "--set", "run.stop_eval_episodes=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def train(*extra: str) -> tuple[str, dict, list]:
@@ -429,7 +429,7 @@ def test_a_run_that_ends_early_ends_on_the_evaluated_weights_in_any_runner(tmp_p
                                             str(tmp_path / "serial"))
     assert pipeline["steps"] == serial["steps"] == 200
     assert all(torch.equal(pipeline["model"][k], serial["model"][k]) for k in serial["model"])
-    assert [s for s, _ in rows] == [100, 200] and rows == serial_rows
+    assert [(s, len(r)) for s, r in rows] == [(100, 1), (200, 3)] and rows == serial_rows
     for text in (out, serial_out):
         assert "the run ends at training step 200" in text and "final mean return" in text
     again, resumed, resumed_rows = train("--resume", str(tmp_path / "pipeline"))

@@ -13,6 +13,7 @@ from ezengine.pipeline.transport import CpuClock, Transport
 from ezengine.recipe import (
     batch_env_steps,
     build_network,
+    evaluation_episodes,
     evaluation_seed,
     solved_at,
 )
@@ -48,8 +49,8 @@ def run_evaluator(spec: PipelineSpec, transport: Transport) -> None:
         env_steps = batch_env_steps(cfg, steps, spec.num_collectors)  # not the replay's now
         # The clock ticks every game step: a long evaluation (Freeway's 2,500 steps take
         # minutes) shows in the progress lines' cores while it runs, not only after.
-        result = evaluate(model, cfg, cfg.run.eval_episodes, seed=evaluation_seed(cfg, steps),
-                          on_step=clock.tick)
+        result = evaluate(model, cfg, evaluation_episodes(cfg, history),
+                          seed=evaluation_seed(cfg, steps), on_step=clock.tick)
         row = {"train_steps": steps, "env_steps": env_steps,
                "wall_s": round(time.perf_counter() - start, 1), **result.record()}
         metrics.evaluation(row)

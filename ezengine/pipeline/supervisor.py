@@ -325,8 +325,7 @@ class PipelineTrainer:
                 if not learner_finished:
                     self._progress(counters, last_snap, now - last, start)
                 elif not waiting_announced:
-                    self.echo(f"training done; the final evaluation ({cfg.run.eval_episodes} "
-                              "episodes) is running")
+                    self.echo("training done; the final evaluation is running")
                     waiting_announced = True
                 last, last_snap = now, counters.snapshot()
 
