@@ -139,11 +139,10 @@ def evaluation_episodes(cfg: Config, evaluations: Sequence[Mapping[str, Any]]) -
     run = cfg.run
     if run.stop_evaluations <= 0 or run.stop_eval_episodes <= 0:
         return run.eval_episodes
-    before = list(evaluations)[-(run.stop_evaluations - 1):] if run.stop_evaluations > 1 else []
-    if len(before) == run.stop_evaluations - 1 and all(
-            row["mean_return"] >= run.stop_return for row in before):
-        return run.stop_eval_episodes
-    return run.eval_episodes
+    streak = 0  # evaluations at run.stop_return or better at the end of the history
+    for row in evaluations:
+        streak = streak + 1 if row["mean_return"] >= run.stop_return else 0
+    return run.stop_eval_episodes if streak >= run.stop_evaluations - 1 else run.eval_episodes
 
 
 def stop_rule(cfg: Config) -> str:
