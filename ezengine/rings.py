@@ -86,10 +86,11 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def backoff(sleep: float) -> float:
-    """Sleep `sleep` seconds; the next, doubled, poll interval (at most 2 ms)."""
+def backoff(sleep: float, cap: float = _SLEEP_MAX) -> float:
+    """Sleep `sleep` seconds; the next, doubled, poll interval (at most `cap`, 2 ms unless
+    the caller can wait longer)."""
     time.sleep(sleep)
-    return min(sleep * 2.0, _SLEEP_MAX)
+    return min(sleep * 2.0, cap)
 
 
 # --------------------------------------------------------------------------- segments
